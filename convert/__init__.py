@@ -1,0 +1,1 @@
+"""ImageFolder trees -> FFCV (.beton) and DALI (WebDataset shards) datasets with a manifest."""

@@ -1,0 +1,122 @@
+"""The manifest: the only contract between a converted dataset folder and the pipelines.
+
+Layout of a dataset folder written by ``convert/``::
+
+    DATA/manifest.json           this file's JSON (see `Manifest`)
+    DATA/train.beton             FFCV: fields image (RGBImageField), label (IntField), index (IntField)
+    DATA/val.beton
+    DATA/shards/train-00000.tar  DALI: WebDataset shards, members <index:09d>.jpg / .cls / .idx
+    DATA/shards/train-00000.idx  DALI's index for fn.readers.webdataset (made by wds2idx)
+    DATA/shards/train-offsets.npy  [N, 3] int64: shard number, byte offset, byte size of each .jpg
+    DATA/skipped.txt             files the converter could not decode, one "path<TAB>reason" a line
+
+Sample ``i`` of a split is the same image, with the same label, in every format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "suncet-dataset/1"
+
+
+class ManifestError(ValueError):
+    """A dataset folder or manifest that cannot be used; the message names the file."""
+
+
+@dataclass
+class SplitInfo:
+    """One split (train or val): sample index -> relative file name and label."""
+
+    files: list[str]
+    labels: list[int]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.files)
+
+    def counts(self, num_classes: int) -> list[int]:
+        out = [0] * num_classes
+        for y in self.labels:
+            out[y] += 1
+        return out
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        for f, y in zip(self.files, self.labels):
+            h.update(f"{f}\t{y}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    classes: list[str]  # class folder names in label order
+    splits: dict[str, SplitInfo]  # "train", "val"
+    formats: dict[str, dict] = field(default_factory=dict)  # "ffcv" / "dali" -> options, files
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "source": self.source,
+            "classes": self.classes,
+            "splits": {
+                name: {
+                    "num_samples": s.num_samples,
+                    "fingerprint": s.fingerprint(),
+                    "counts": s.counts(self.num_classes),
+                    "files": s.files,
+                    "labels": s.labels,
+                }
+                for name, s in self.splits.items()
+            },
+            "formats": self.formats,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, path: str = MANIFEST_NAME) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{path}: not a suncet dataset manifest (format {d.get('format')!r})")
+        splits = {
+            name: SplitInfo(files=list(s["files"]), labels=[int(y) for y in s["labels"]])
+            for name, s in d["splits"].items()
+        }
+        return cls(list(d["classes"]), splits, dict(d.get("formats", {})), d.get("source", ""))
+
+    def save(self, data_dir: str | os.PathLike) -> Path:
+        """Writes ``manifest.json`` atomically (temporary name, fsync, rename)."""
+        path = Path(data_dir) / MANIFEST_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def load_manifest(data_dir: str | os.PathLike) -> Manifest:
+    """Reads ``DATA/manifest.json`` with errors that say what to do."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ManifestError(
+            f"{data_dir}: dataset folder does not exist; convert an ImageFolder tree first "
+            f"with `python convert/imagenet_to_ffcv.py --src TREE --out {data_dir}`"
+        )
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest; this folder was not written by convert/")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: corrupt manifest ({e})") from e
+    return Manifest.from_json(d, str(path))

@@ -1,0 +1,1 @@
+"""Tensors only: encoder, projection head, losses, LARS parameter groups and schedules."""

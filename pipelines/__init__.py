@@ -1,0 +1,1 @@
+"""Data pipelines: manifest + label split -> typed `Batch` on the device (FFCV or DALI)."""
