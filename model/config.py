@@ -26,7 +26,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    base_lr: float = 4.8  # LR = base_lr * global_batch / lr_batch_ref (0.3 x 4096/256 in SimCLR)
+    base_lr: float = 0.3  # LR = base_lr * global_batch / lr_batch_ref (0.3 x 4096/256 = 4.8)
     lr_batch_ref: int = 256
     final_lr: float = 0.0
     warmup_epochs: float = 10.0
