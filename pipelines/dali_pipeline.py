@@ -1,0 +1,459 @@
+"""DALI backend: WebDataset shards -> multi-crop `Batch`es on the device.
+
+Two DALI pipelines read the same ``DATA/shards/train-*.tar``, both through
+``fn.external_source`` callbacks that fetch each sample's JPEG bytes by index
+(``train-offsets.npy``: shard, byte offset, byte size) with ``os.pread``:
+
+- unlabeled: every training image once per epoch in a fresh global order (each rank a
+  disjoint part, the same order as the FFCV backend), ``n_large`` large and ``n_small`` small
+  crops per image;
+- labeled: the `StratifiedSampler`'s batches (C classes x K images, in the sampler's order),
+  ``n_supervised_views`` large crops per image, as many batches as unlabeled steps.
+
+Each image is decoded once (``mixed`` on a GPU, ``cpu`` without one) and every view is cut
+from that decode: random-resized crop, colour jitter (p), grayscale (p), Gaussian blur (p),
+flip and normalization, all DALI operators with per-sample randomness, probabilities as
+DALI conditionals. Both pipelines are rebuilt per epoch with seeds derived from
+(seed, epoch, rank), so an epoch's order and augmentation are a pure function of those.
+
+Why not ``fn.readers.webdataset``: measured on DALI 2.4.0, its ``random_shuffle`` only
+shuffles inside a buffer of ``initial_fill`` samples of a fixed contiguous part of the
+dataset per rank (with class-sorted shards, a batch holds a handful of classes, and a rank
+never sees the other ranks' classes), and ``shuffle_after_epoch`` moves blocks of samples
+and leaves the first epoch unshuffled. Reading by index is as fast (decode-only, 1,000
+ImageNet JPEGs at 256 px, 2 cores: reader 745 img/s, external source 720-770 img/s) and gives
+an exact global permutation, disjoint ranks and exact epoch lengths.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convert.manifest import Manifest, ManifestError, load_manifest
+from pipelines.batch import Batch
+from pipelines.config import AugConfig, DataConfig
+from pipelines.errors import PipelineError
+from pipelines.sampler import StratifiedSampler
+
+log = logging.getLogger(__name__)
+
+# Stream tags mixed into the seeds (the same tags as the FFCV backend's orders).
+UNLABELED, LABELED = 1, 2
+JPEG_MAGIC = b"\xff\xd8"
+RECONVERT = "re-run `python convert/imagenet_to_dali.py --src TREE --out {data}`"
+
+
+def _key(*parts: int) -> int:
+    """A 64-bit key from ints (FNV-1a), stable across processes."""
+    h = 0xCBF29CE484222325
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+# ---- the dataset on disk ----
+
+
+class ShardSet:
+    """The train split's tar shards, read by sample index (JPEG bytes via the offsets file).
+
+    Args:
+        data_dir: dataset folder written by convert/.
+        manifest: its manifest.
+        split: split name.
+
+    Raises:
+        PipelineError: a file is missing or disagrees with the manifest (checked up front).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, manifest: Manifest, split: str = "train"):
+        self.data_dir = Path(data_dir)
+        fix = RECONVERT.format(data=self.data_dir)
+        section = manifest.formats.get("dali")
+        if not section or split not in section.get("shards", {}):
+            raise PipelineError(
+                f"{self.data_dir / 'manifest.json'}: no DALI shards for split {split!r}; {fix}"
+            )
+        self.paths = [self.data_dir / s for s in section["shards"][split]]
+        index_files = [self.data_dir / s for s in section["index_files"][split]]
+        offsets_path = self.data_dir / section["offsets"][split]
+        for p in [*self.paths, *index_files, offsets_path]:
+            if not p.is_file():
+                raise PipelineError(f"{p}: missing file of the DALI dataset; {fix}")
+
+        n = manifest.splits[split].num_samples
+        self.offsets = self._load_offsets(offsets_path, n, len(self.paths), fix)  # [N, 3]
+        counts = np.bincount(self.offsets[:, 0], minlength=len(self.paths))  # [S]
+        listed = section.get("shard_counts", {}).get(split)
+        for k, index in enumerate(index_files):
+            if listed is not None and counts[k] != listed[k]:
+                raise PipelineError(
+                    f"{offsets_path}: {counts[k]} samples in shard {k} but manifest.json lists "
+                    f"{listed[k]}; the offsets are from another conversion; {fix}"
+                )
+            self._check_index(index, int(counts[k]), fix)
+        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        try:
+            for k, tar in enumerate(self.paths):
+                self._check_shard(k, tar, fix)
+        except PipelineError:
+            self.close()
+            raise
+
+    @staticmethod
+    def _load_offsets(path: Path, n: int, n_shards: int, fix: str) -> np.ndarray:
+        try:
+            offsets = np.load(path)
+        except (ValueError, OSError, EOFError) as e:
+            raise PipelineError(f"{path}: not a readable .npy file ({e}); {fix}") from None
+        if offsets.shape != (n, 3) or offsets.dtype.kind not in "iu":
+            raise PipelineError(
+                f"{path}: shape {offsets.shape} {offsets.dtype}, expected ({n}, 3) integers for "
+                f"the {n} samples of manifest.json; {fix}"
+            )
+        offsets = offsets.astype(np.int64)
+        if offsets[:, 0].min() < 0 or offsets[:, 0].max() >= n_shards or offsets.min() < 0:
+            raise PipelineError(f"{path}: shard numbers or offsets out of range; {fix}")
+        return offsets
+
+    @staticmethod
+    def _check_index(path: Path, count: int, fix: str) -> None:
+        """DALI's index file starts with ``v1.x <number of samples>``."""
+        with open(path) as f:
+            head = f.readline().split()
+        if len(head) != 2 or not head[0].startswith("v1") or not head[1].isdigit():
+            raise PipelineError(f"{path}: not a DALI webdataset index file; {fix}")
+        if int(head[1]) != count:
+            raise PipelineError(
+                f"{path}: indexes {head[1]} samples, the offsets file {count}; "
+                f"shard and offsets are from different conversions; {fix}"
+            )
+
+    def _check_shard(self, k: int, tar: Path, fix: str) -> None:
+        """The shard holds all its samples' bytes, and they start like JPEGs."""
+        rows = np.flatnonzero(self.offsets[:, 0] == k)  # [n_k]
+        if len(rows) == 0:
+            return
+        end = int((self.offsets[rows, 1] + self.offsets[rows, 2]).max())
+        size = tar.stat().st_size
+        if size < end:
+            raise PipelineError(
+                f"{tar}: {size} bytes but its samples end at byte {end} (truncated shard); {fix}"
+            )
+        for i in (rows[0], rows[-1]):
+            if os.pread(self.fds[k], 2, int(self.offsets[i, 1])) != JPEG_MAGIC:
+                raise PipelineError(
+                    f"{tar}: sample {i} is not a JPEG at the offset in the offsets file; "
+                    f"shard and offsets are from different conversions; {fix}"
+                )
+
+    def read(self, i: int) -> np.ndarray:
+        """The encoded JPEG of sample i, ``[bytes]`` uint8."""
+        shard, offset, size = self.offsets[i]
+        return np.frombuffer(os.pread(self.fds[shard], int(size), int(offset)), dtype=np.uint8)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class _BatchSource:
+    """One epoch of batches for ``fn.external_source``: (JPEG bytes, indices[, labels])."""
+
+    def __init__(self, shards: ShardSet, batches: list[np.ndarray], labels_of: np.ndarray | None):
+        self.shards, self.batches, self.labels_of = shards, batches, labels_of
+
+    def __iter__(self):
+        for ix in self.batches:
+            jpegs = [self.shards.read(i) for i in ix.tolist()]
+            out = (jpegs, ix.astype(np.int64))  # indices [B]
+            if self.labels_of is not None:
+                out += (self.labels_of[ix],)  # [B]
+            yield out
+
+
+# ---- the DALI graph ----
+
+
+def _views(img, aug: AugConfig, groups: list[tuple[int, int, tuple, float]], out_dtype):
+    """Cuts every view from one decoded batch; returns the views in group order."""
+    out = []
+    for n, size, scale, blur_p in groups:
+        out.extend(_view(img, aug, size, scale, blur_p, out_dtype) for _ in range(n))
+    return out
+
+
+def _view(img, aug: AugConfig, size: int, scale: tuple, blur_p: float, out_dtype):
+    """One SimCLR view: crop, jitter (p), grayscale (p), blur (p), flip, normalize (HWC)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    def coin(p: float):
+        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+    def uniform(lo: float, hi: float):
+        return fn.random.uniform(range=[lo, hi])
+
+    x = fn.random_resized_crop(
+        img, size=(size, size), random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3]
+    )
+
+    # Colour jitter: brightness, contrast, saturation 0.8s, hue 0.2s (of a full turn: degrees).
+    s = aug.color_strength
+    if coin(aug.color_p):
+        x = fn.color_twist(
+            x,
+            brightness=uniform(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),
+            contrast=uniform(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),
+            saturation=uniform(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),
+            hue=uniform(-0.2 * s * 360, 0.2 * s * 360),
+        )
+    if coin(aug.gray_p):
+        x = fn.color_twist(x, saturation=0.0)
+
+    # Blur: window 2*ceil(3 sigma)+1 (twice as fast as a fixed 23-px window on CPU).
+    if blur_p > 0:
+        if coin(blur_p):
+            sigma = uniform(*aug.blur_sigma)
+            window = fn.cast(2 * dmath.ceil(3 * sigma) + 1, dtype=types.INT32)
+            x = fn.gaussian_blur(x, window_size=window, sigma=sigma)
+
+    return fn.crop_mirror_normalize(
+        x,
+        mirror=fn.random.coin_flip(probability=0.5, dtype=types.INT32),
+        mean=[255 * m for m in aug.mean],
+        std=[255 * v for v in aug.std],
+        output_layout="HWC",
+        dtype=out_dtype,
+    )
+
+
+def _build(source, n_outputs: int, groups, aug: AugConfig, batch_size: int, seed: int, cfg):
+    """A built DALI pipeline: decode once, all views, then the source's pass-through outputs."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        outs = fn.external_source(
+            source=source, num_outputs=n_outputs, batch=True, cycle="raise", parallel=False
+        )
+        jpegs, rest = outs[0], outs[1:]
+        img = fn.decoders.image(jpegs, device=cfg["decode"], output_type=types.RGB)
+        return (*_views(img, aug, groups, cfg["dtype"]), *rest)
+
+    pipe = graph(
+        batch_size=batch_size,
+        num_threads=cfg["threads"],
+        device_id=cfg["device_id"],
+        seed=seed,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
+    return pipe
+
+
+# ---- the public pipeline ----
+
+
+class DALIPipeline:
+    """Unlabeled multi-crop batches and stratified labeled batches from the DALI shards.
+
+    Args:
+        data_dir: dataset folder written by convert/ (manifest.json, shards/).
+        data: batch sizes, C, K, supervised views, threads (num_workers).
+        aug: crops and augmentation.
+        labeled: sorted labeled sample indices of the train split; empty: no labeled stream
+            (``labeled_views == []`` and empty labels).
+        device: where batches arrive; CUDA runs DALI on that GPU, CPU runs DALI CPU-only.
+        dtype: floating type of the views.
+        rank: global rank of this process.
+        world_size: number of ranks.
+        seed: base seed of the run.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        data: DataConfig,
+        aug: AugConfig,
+        labeled: np.ndarray,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        t0 = time.perf_counter()
+        self.data, self.aug = data, aug
+        self.device, self.dtype = torch.device(device), dtype
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+        self._live: list = []
+
+        # 1. The manifest and the shards must describe the same samples.
+        try:
+            manifest = load_manifest(data_dir)
+        except ManifestError as e:
+            raise PipelineError(str(e)) from None
+        split = manifest.splits["train"]
+        self.num_samples = split.num_samples
+        self.labels_of = np.asarray(split.labels, dtype=np.int64)  # [N]
+        self.shards = ShardSet(data_dir, manifest)
+
+        # 2. Steps per epoch: this rank's share of the unlabeled images, in whole batches.
+        self.per_rank = math.ceil(self.num_samples / world_size)
+        whole = self.per_rank // data.batch_size
+        self.steps = whole if data.drop_last else math.ceil(self.per_rank / data.batch_size)
+        if self.steps == 0:
+            self.close()
+            raise PipelineError(
+                f"batch_size={data.batch_size} exceeds the {self.per_rank} images of rank "
+                f"{rank}; lower --batch-size"
+            )
+
+        # 3. The view groups: (views, side, scale, blur probability) in output order.
+        self.unlabeled_groups = [
+            (aug.n_large, aug.large_size, aug.large_scale, aug.blur_p_large),
+            (aug.n_small, aug.small_size, aug.small_scale, aug.blur_p_small),
+        ]
+        self.n_sup = max(1, data.n_supervised_views)
+        self.labeled_groups = [(self.n_sup, aug.large_size, aug.large_scale, aug.blur_p_large)]
+        self.n_unlabeled_views = aug.n_large + aug.n_small
+        if self.n_unlabeled_views == 0:
+            self.close()
+            raise PipelineError("n_large + n_small is 0: the unlabeled stream needs a view")
+        self._cfg = self._dali_config()
+
+        # 4. The labeled stream follows the sampler.
+        self.labeled = np.asarray(labeled, dtype=np.int64)  # [L]
+        self.sampler = None
+        if len(self.labeled):
+            if self.labeled.min() < 0 or self.labeled.max() >= self.num_samples:
+                self.close()
+                raise PipelineError(
+                    f"labeled indices must lie in 0..{self.num_samples - 1} (the train split)"
+                )
+            self.sampler = StratifiedSampler(
+                self.labeled,
+                self.labels_of[self.labeled],
+                data.classes_per_batch,
+                data.images_per_class,
+                rank=rank,
+                world_size=world_size,
+                per_rank_classes=data.per_rank_classes,
+                seed=seed,
+            )
+        log.info(
+            "dali pipeline ready in %.1f s: %d steps/epoch (%s)",
+            time.perf_counter() - t0,
+            len(self),
+            "gpu" if self._cfg["device_id"] is not None else "cpu-only",
+        )
+
+    def _dali_config(self) -> dict:
+        from nvidia.dali import types
+
+        if self.device.type == "cuda":
+            device_id = self.device.index
+            device_id = torch.cuda.current_device() if device_id is None else device_id
+            decode = "mixed"
+        else:
+            device_id, decode = None, "cpu"  # DALI's CPU-only mode
+        out = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        threads = max(1, self.data.num_workers)
+        return {"device_id": device_id, "decode": decode, "dtype": out, "threads": threads}
+
+    # ---- orders: pure functions of (seed, epoch, rank) ----
+
+    def unlabeled_order(self, epoch: int) -> np.ndarray:
+        """This rank's images of an epoch: a permutation padded to a multiple of the world
+        size (as torch's DistributedSampler), every world_size-th entry from the rank."""
+        rng = np.random.default_rng([self.seed, epoch, UNLABELED])
+        order = rng.permutation(self.num_samples)  # [N]
+        pad = self.per_rank * self.world_size - self.num_samples
+        order = np.concatenate([order, order[:pad]])  # [per_rank * world]
+        return order[self.rank :: self.world_size]  # [per_rank]
+
+    def labeled_batches(self, epoch: int) -> np.ndarray:
+        """The labeled sample indices of an epoch for this rank, ``[steps, C*K]``."""
+        return self.sampler.epoch_batches(epoch, self.steps)[0]
+
+    # ---- public interface ----
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, b = self.epoch, self.data.batch_size
+        order = self.unlabeled_order(epoch)[: self.steps * b]  # [steps*B] or fewer
+        batches = [order[i : i + b] for i in range(0, len(order), b)]
+        unlabeled = self._iterator(
+            _BatchSource(self.shards, batches, None), self.unlabeled_groups, b, epoch, UNLABELED
+        )
+        labeled = None
+        if self.sampler is not None:
+            rows = list(self.labeled_batches(epoch))  # steps x [C*K]
+            source = _BatchSource(self.shards, rows, self.labels_of)
+            cb = self.sampler.batch_size
+            labeled = self._iterator(source, self.labeled_groups, cb, epoch, LABELED)
+
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        try:
+            for _ in range(self.steps):
+                out = next(unlabeled)[0]
+                views = [self._tensor(out[f"v{j}"]) for j in range(self.n_unlabeled_views)]
+                indices = out["index"].to(self.device, non_blocking=True)  # [B]
+                labeled_views, labels, labeled_indices = [], empty, empty
+                if labeled is not None:
+                    out = next(labeled)[0]
+                    labeled_views = [self._tensor(out[f"v{j}"]) for j in range(self.n_sup)]
+                    labeled_indices = out["index"].to(self.device, non_blocking=True)  # [C*K]
+                    labels = out["label"].to(self.device, non_blocking=True)  # [C*K]
+                yield Batch(views, labeled_views, labels, indices, labeled_indices)
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        self._release()
+        if getattr(self, "shards", None) is not None:
+            self.shards.close()
+            self.shards = None
+
+    # ---- helpers ----
+
+    def _iterator(self, source: _BatchSource, groups, batch_size: int, epoch: int, stream: int):
+        """A DALIGenericIterator over one epoch of `source` (a fresh pipeline per epoch)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        n_views = sum(g[0] for g in groups)
+        passthrough = ["index"] + (["label"] if source.labels_of is not None else [])
+        seed = _key(self.seed, epoch, self.rank, stream) % (2**31)
+        pipe = _build(source, 1 + len(passthrough), groups, self.aug, batch_size, seed, self._cfg)
+        names = [f"v{j}" for j in range(n_views)] + passthrough
+        it = DALIGenericIterator(
+            [pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
+        )
+        self._live.append((it, pipe))
+        return it
+
+    def _tensor(self, hwc: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, 3]`` from DALI -> ``[B, 3, H, W]`` channels-last on the device."""
+        x = hwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B, 3, H, W]
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    def _release(self) -> None:
+        """Drops the epoch's DALI pipelines (their threads and buffers)."""
+        self._live.clear()
