@@ -3,7 +3,7 @@
 Layout of a dataset folder written by ``convert/``::
 
     DATA/manifest.json           this file's JSON (see `Manifest`)
-    DATA/train.beton             FFCV: fields image (RGBImageField), label (IntField), index (IntField)
+    DATA/train.beton             FFCV: fields image (RGBImageField), label, index (IntField)
     DATA/val.beton
     DATA/shards/train-00000.tar  DALI: WebDataset shards, members <index:09d>.jpg / .cls / .idx
     DATA/shards/train-00000.idx  DALI's index for fn.readers.webdataset (made by wds2idx)
@@ -48,7 +48,7 @@ class SplitInfo:
 
     def fingerprint(self) -> str:
         h = hashlib.sha1()
-        for f, y in zip(self.files, self.labels):
+        for f, y in zip(self.files, self.labels, strict=True):
             h.update(f"{f}\t{y}\n".encode())
         return h.hexdigest()
 
@@ -85,7 +85,9 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict, path: str = MANIFEST_NAME) -> Manifest:
         if d.get("format") != FORMAT:
-            raise ManifestError(f"{path}: not a suncet dataset manifest (format {d.get('format')!r})")
+            raise ManifestError(
+                f"{path}: not a suncet dataset manifest (format {d.get('format')!r})"
+            )
         splits = {
             name: SplitInfo(files=list(s["files"]), labels=[int(y) for y in s["labels"]])
             for name, s in d["splits"].items()

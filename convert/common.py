@@ -1,0 +1,490 @@
+"""What both converters share: the scan of an ImageFolder tree, validation, decoding,
+staged (temporary-name) outputs, the manifest merge and the closing summary.
+
+Both converters call `prepare_source` and therefore see the same sample list for the same tree:
+the scan is sorted like torchvision's ImageFolder, and validation is a pure function of each
+file's bytes. They also decode with the same `load_rgb` and encode with the same `encode_jpeg`
+(FFCV's own OpenCV call), so in jpg mode the JPEG bytes in ``train.beton`` and in the shards are
+identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+from tqdm import tqdm
+
+from convert.manifest import MANIFEST_NAME, Manifest, ManifestError, SplitInfo, load_manifest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+SKIPPED_NAME = "skipped.txt"
+TMP_SUFFIX = ".tmp"
+
+# A truncated file must be a skip, never a silently grey-padded sample.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ConversionError(RuntimeError):
+    """A conversion that cannot go on; the message names the file or folder at fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan and validation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceDataset:
+    """The validated sample list of an ImageFolder tree, in manifest order."""
+
+    src: Path
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    roots: dict[str, Path]  # split -> folder its file names are relative to
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path under src, reason)
+    limit_per_class: int | None = None
+
+    def path(self, split: str, index: int) -> Path:
+        return self.roots[split] / self.splits[split].files[index]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.splits.values())
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _class_files(class_dir: Path) -> list[str]:
+    """Files under one class folder, relative to its parent, in ImageFolder's order."""
+    out = []
+    for root, dirs, files in sorted(os.walk(class_dir, followlinks=True)):
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        for name in sorted(files):
+            if not _is_hidden(name):
+                out.append(os.path.relpath(os.path.join(root, name), class_dir.parent))
+    return out
+
+
+def split_roots(src: Path) -> dict[str, Path]:
+    """``{"train": src/train, "val": src/val}`` for those present, else ``{"train": src}``."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: source folder does not exist")
+    roots = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    return roots or {"train": src}
+
+
+def scan_tree(
+    src: Path, limit_per_class: int | None = None
+) -> tuple[list[str], dict[str, list[tuple[str, int]]], dict[str, Path]]:
+    """Lists candidate files per split, deterministically.
+
+    Returns:
+        classes (sorted class folder names of the first split), per split a list of
+        (file name relative to the split folder, label), and the split folders.
+    """
+    roots = split_roots(src)
+    classes: list[str] | None = None
+    candidates: dict[str, list[tuple[str, int]]] = {}
+    for split, root in roots.items():
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name))
+        if not names:
+            raise ConversionError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+        if classes is None:
+            classes = names
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise ConversionError(
+                f"{root}: class folders {unknown[:5]} are not among the {len(classes)} classes "
+                f"of the {next(iter(roots))} split"
+            )
+        label_of = {c: i for i, c in enumerate(classes)}
+        found: list[tuple[str, int]] = []
+        for name in names:
+            files = _class_files(root / name)
+            if not files:
+                raise ConversionError(f"{root / name}: empty class folder (no image files)")
+            found += [(f, label_of[name]) for f in files[:limit_per_class]]
+        candidates[split] = found
+    assert classes is not None
+    return classes, candidates, roots
+
+
+def open_source(path: str | os.PathLike):
+    """Opens a source file for reading (one place, so tests can simulate unreadable files)."""
+    return open(path, "rb")
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Cheaply checks that a file decodes; returns the reason it cannot be used, or None.
+
+    JPEGs are decoded at 1/8 scale (PIL ``draft``): libjpeg still reads every entropy-coded
+    segment, so a truncated file fails here as it would at full scale (verified on real
+    ImageNet files cut at 30..99 % and with the EOI marker removed). Other formats decode fully.
+    """
+    try:
+        with open_source(path) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return "empty file"
+            try:
+                with Image.open(f) as im:
+                    im.draft("RGB", (1, 1))
+                    im.load()
+                    im.convert("RGB")
+            except UnidentifiedImageError:
+                return "not an image (PIL cannot identify it)"
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+                kind = "truncated" if "truncated" in str(e).lower() else "undecodable"
+                return f"{kind} ({type(e).__name__}: {e})"
+    except OSError as e:
+        return f"unreadable ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
+def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
+    # Limitation: relies on the "fork" start method (Linux's default before Python 3.14) so
+    # workers inherit the sample list instead of pickling it per task.
+    ctx = multiprocessing.get_context("fork")
+    return ctx.Pool(workers, initializer=initializer, initargs=initargs)
+
+
+def parallel_map(
+    fn: Callable, items: list, workers: int, desc: str, chunksize: int = 16
+) -> Iterator:
+    """``map(fn, items)`` in order over `workers` processes (in-process for one), with a bar."""
+    bar = progress(len(items), desc)
+    try:
+        if workers <= 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+        else:
+            with _pool(workers, _worker_init) as pool:
+                for out in pool.imap(fn, items, chunksize=chunksize):
+                    yield out
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def _worker_init() -> None:
+    """Runs in each worker process: parallelism is across processes; OpenCV's pool contends."""
+    cv2.setNumThreads(1)
+
+
+def prepare_source(
+    src: str | os.PathLike,
+    *,
+    limit_per_class: int | None = None,
+    workers: int = 1,
+    strict: bool = False,
+) -> SourceDataset:
+    """Scans and validates an ImageFolder tree into the sample list both formats share.
+
+    Raises:
+        ConversionError: on an empty class folder, a class left with no decodable image, or
+            (with `strict`) the first file that cannot be used.
+    """
+    src = Path(src).resolve()
+    classes, candidates, roots = scan_tree(src, limit_per_class)
+    splits: dict[str, SplitInfo] = {}
+    skipped: list[tuple[str, str]] = []
+    for split, found in candidates.items():
+        paths = [str(roots[split] / f) for f, _ in found]
+        reasons = parallel_map(check_image, paths, workers, f"validate {split}", chunksize=32)
+        keep = SplitInfo(files=[], labels=[])
+        for (rel, label), path, reason in zip(found, paths, reasons, strict=True):
+            if reason is None:
+                keep.files.append(rel)
+                keep.labels.append(label)
+                continue
+            shown = os.path.relpath(path, src)
+            if strict:
+                raise ConversionError(f"{path}: {reason} (--strict stops at the first bad file)")
+            log.warning("skipping %s: %s", shown, reason)
+            skipped.append((shown, reason))
+        counts = keep.counts(len(classes))
+        empty = [classes[c] for c, n in enumerate(counts) if n == 0 and _has_candidates(found, c)]
+        if empty:
+            raise ConversionError(
+                f"{roots[split]}: class folders {empty[:5]} have no decodable image "
+                f"(see the skipped files above)"
+            )
+        splits[split] = keep
+    return SourceDataset(src, classes, splits, roots, skipped, limit_per_class)
+
+
+def _has_candidates(found: list[tuple[str, int]], label: int) -> bool:
+    return any(y == label for _, y in found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def resize_max_side(image: np.ndarray, max_resolution: int) -> np.ndarray:
+    """Shrinks ``[H, W, 3]`` so its longer side is at most `max_resolution` (never enlarges).
+
+    The same arithmetic and INTER_AREA filter as ``ffcv.fields.rgb_image.resizer``, so FFCV's
+    writer leaves an image resized here untouched.
+    """
+    size = np.array([image.shape[1], image.shape[0]])
+    ratio = max_resolution / size.max()
+    if ratio < 1:
+        new_size = (ratio * size).astype(int)
+        image = cv2.resize(image, tuple(new_size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def load_rgb(path: str | os.PathLike, max_resolution: int) -> np.ndarray:
+    """Decodes an image once into RGB ``[H, W, 3]`` uint8 with longer side <= max_resolution.
+
+    JPEGs large enough are decoded with PIL ``draft`` at the largest 1/2, 1/4 or 1/8 scale that
+    keeps both sides at or above their final size, then area-resized: far fewer pixels decoded,
+    no loss of detail at the stored resolution. CMYK, grayscale and palette images become RGB.
+    """
+    with open_source(path) as f, Image.open(f) as im:
+        w, h = im.size
+        scale = max_resolution / max(w, h)
+        if scale < 1:
+            im.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+        image = np.asarray(im.convert("RGB"))  # [H, W, 3]
+    return resize_max_side(image, max_resolution)
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """JPEG-encodes RGB ``[H, W, 3]`` exactly as FFCV's ``RGBImageField`` does (OpenCV)."""
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+    if not ok:
+        raise ConversionError("OpenCV could not JPEG-encode an image")
+    return buf.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: temporary names, the manifest, the summary
+# ---------------------------------------------------------------------------------------------
+
+
+class Staging:
+    """Files written under temporary names and renamed, in order, only once all are complete.
+
+    Use as a context manager: on any error the temporary files are removed and no final name
+    is touched. A SIGKILL leaves only ``*.tmp`` files, which `remove_stale_tmp` clears.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []
+
+    def tmp(self, final: str | os.PathLike) -> Path:
+        final = Path(final)
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        tmp.unlink(missing_ok=True)
+        self.pending.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+        self.pending.clear()
+
+    def abort(self) -> None:
+        for tmp, _ in self.pending:
+            tmp.unlink(missing_ok=True)
+        self.pending.clear()
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+LOCK_NAME = ".convert.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the dataset folder for a whole conversion.
+
+    Two converters writing one folder at once would clear each other's temporary files and
+    race on the manifest; the second one fails at once instead. The OS drops the lock when the
+    process dies, so a killed conversion never leaves the folder locked.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConversionError(f"{out}: another conversion is writing this folder") from None
+        yield
+
+
+def remove_stale_tmp(out: Path) -> None:
+    """Removes ``*.tmp`` files a killed conversion left behind."""
+    for p in [*out.glob("*" + TMP_SUFFIX), *out.glob("shards/*" + TMP_SUFFIX)]:
+        log.info("removing %s left by an interrupted conversion", p)
+        p.unlink()
+
+
+def check_existing(out: Path, source: SourceDataset, force: bool) -> Manifest | None:
+    """Returns the manifest already in `out` if it describes the same samples.
+
+    Raises:
+        ManifestError: if it describes other samples (different classes, splits or file
+            lists) and `force` is not set.
+    """
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    old = load_manifest(out)
+    diff = describe_difference(old, source)
+    if diff is None:
+        return old
+    if not force:
+        raise ManifestError(
+            f"{out / MANIFEST_NAME}: this folder holds a different dataset ({diff}); both "
+            f"formats must share one sample list. Use --force to replace it, or another --out."
+        )
+    log.warning("--force: replacing %s (%s)", out / MANIFEST_NAME, diff)
+    return None
+
+
+def describe_difference(old: Manifest, source: SourceDataset) -> str | None:
+    """Says how an existing manifest's samples differ from `source`, or None if they agree."""
+    if old.classes != source.classes:
+        return f"{len(old.classes)} classes there, {len(source.classes)} here"
+    if set(old.splits) != set(source.splits):
+        return f"splits {sorted(old.splits)} there, {sorted(source.splits)} here"
+    for name, split in source.splits.items():
+        if old.splits[name].fingerprint() != split.fingerprint():
+            return (
+                f"split {name!r} fingerprint differs: {old.splits[name].num_samples} samples "
+                f"there, {split.num_samples} here"
+            )
+    return None
+
+
+def write_outputs(
+    out: Path,
+    source: SourceDataset,
+    fmt: str,
+    section: dict,
+    existing: Manifest | None,
+    staging: Staging,
+) -> Manifest:
+    """Stages ``skipped.txt``, commits every staged file, then writes the manifest last.
+
+    Keeps the other format's section when the existing manifest describes the same samples;
+    otherwise (``--force``) deletes the files that section listed.
+    """
+    skipped = staging.tmp(out / SKIPPED_NAME)
+    skipped.write_text("".join(f"{p}\t{r}\n" for p, r in source.skipped))
+
+    formats: dict[str, dict] = {}
+    if existing is not None:
+        formats = {k: v for k, v in existing.formats.items() if k != fmt}
+    elif (out / MANIFEST_NAME).is_file():
+        # --force over another dataset: nothing here may look finished until the new manifest.
+        for other, sec in load_manifest(out).formats.items():
+            if other != fmt:
+                for rel in sec.get("files", []):
+                    (out / rel).unlink(missing_ok=True)
+        (out / MANIFEST_NAME).unlink()
+    formats[fmt] = section
+
+    staging.commit()
+    manifest = Manifest(source.classes, source.splits, formats, str(source.src))
+    manifest.save(out)
+    return manifest
+
+
+def file_bytes(out: Path, files: Iterable[str]) -> int:
+    return sum((out / f).stat().st_size for f in files)
+
+
+def summary_line(fmt: str, source: SourceDataset, num_bytes: int, seconds: float) -> str:
+    n = source.num_samples
+    return (
+        f"{fmt}: {n} images, {len(source.classes)} classes, {len(source.skipped)} skipped, "
+        f"{num_bytes / 1e6:.1f} MB written, {seconds:.1f} s, {n / max(seconds, 1e-9):.0f} images/s"
+    )
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """A tqdm bar in images/s, shown only when stderr is a terminal."""
+    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The options both converters take, with the same defaults."""
+    parser.add_argument("--src", required=True, type=Path, help="ImageFolder tree")
+    parser.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    parser.add_argument(
+        "--max-resolution",
+        type=int,
+        default=256,
+        help="longer side stored, in pixels (default 256: see imagenet_to_ffcv.py)",
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (90)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)"
+    )
+    parser.add_argument(
+        "--limit-per-class",
+        type=int,
+        default=None,
+        help="keep only the first N files of each class folder (before validation)",
+    )
+    parser.add_argument("--strict", action="store_true", help="fail at the first bad file")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a folder holding a different dataset"
+    )
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    if args.max_resolution < 1:
+        raise SystemExit("--max-resolution must be a positive number of pixels")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise SystemExit("--jpeg-quality must be in 1..100")
+    if args.limit_per_class is not None and args.limit_per_class < 1:
+        raise SystemExit("--limit-per-class must be at least 1")
+
+
+def start(args: argparse.Namespace) -> tuple[SourceDataset, Manifest | None, float]:
+    """Validates the tree and checks the output folder before anything is written."""
+    t0 = time.perf_counter()
+    source = prepare_source(
+        args.src, limit_per_class=args.limit_per_class, workers=args.workers, strict=args.strict
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    existing = check_existing(args.out, source, args.force)
+    remove_stale_tmp(args.out)
+    log.debug("validated %d files in %.1f s", source.num_samples, time.perf_counter() - t0)
+    return source, existing, t0
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")

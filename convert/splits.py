@@ -1,0 +1,179 @@
+"""Label splits: which training samples keep their label.
+
+One function, `resolve_split`, turns (manifest, spec, seed) into sorted sample indices of the
+"train" split; the converter and the trainer both use it, and `write_split` keeps the chosen
+list in the run folder in the standard split-file format, so it can be read back as a spec.
+
+Split files are the format of the standard ImageNet semi-supervised splits (SimCLR, SuNCEt,
+PAWS): one training file name a line, e.g. ``n04235860_14959.JPEG``. A line matches a sample
+whose file base name is that name; a line holding a ``/`` matches the file name relative to the
+split folder (``n04235860/n04235860_14959.JPEG``), which is what `write_split` writes when base
+names repeat across classes (CIFAR's ``0001.jpg``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from convert.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+TRAIN = "train"
+STANDARD_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
+_FRACTION = re.compile(r"^(\d+(?:\.\d+)?)(?:pct|%)$")
+
+
+class SplitError(ValueError):
+    """A label split that cannot be resolved; the message names the spec or file."""
+
+
+def read_split_file(path: str | os.PathLike) -> list[str]:
+    """Reads a split file: one file name a line; blank lines and ``#`` comments are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise SplitError(f"{path}: split file not found")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(line)
+    if not names:
+        raise SplitError(f"{path}: split file lists no file names")
+    return names
+
+
+def indices_from_names(manifest: Manifest, names: list[str], source: str = "split") -> np.ndarray:
+    """Maps file names (base names or paths relative to the split folder) to sample indices.
+
+    Raises:
+        SplitError: naming the missing names, how many there are and `source`, if any name is
+            not in the train split, or a base name is ambiguous.
+    """
+    files = _train(manifest).files
+    by_path = {f: i for i, f in enumerate(files)}
+    by_base: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for i, f in enumerate(files):
+        base = os.path.basename(f)
+        if base in by_base:
+            ambiguous.add(base)
+        by_base[base] = i
+
+    out, missing, unclear = [], [], []
+    for name in names:
+        if "/" in name:
+            i = by_path.get(name)
+        elif name in ambiguous:
+            unclear.append(name)
+            continue
+        else:
+            i = by_base.get(name)
+        if i is None:
+            missing.append(name)
+        else:
+            out.append(i)
+    if missing:
+        raise SplitError(
+            f"{source}: {len(missing)} of {len(names)} names are not in the dataset's train split "
+            f"({len(files)} samples), e.g. {', '.join(missing[:5])}; was the dataset converted "
+            f"with --limit-per-class, from another tree, or were files skipped (skipped.txt)?"
+        )
+    if unclear:
+        raise SplitError(
+            f"{source}: {len(unclear)} base names match files in several classes, e.g. "
+            f"{unclear[0]}; write them as <class>/<file> lines"
+        )
+    return np.unique(np.asarray(out, dtype=np.int64))
+
+
+def stratified_split(manifest: Manifest, fraction: float, seed: int = 0) -> np.ndarray:
+    """A seeded class-stratified draw: ``max(1, round(fraction * n_c))`` samples of each class.
+
+    The same (manifest, fraction, seed) always gives the same indices.
+    """
+    if not 0 < fraction <= 1:
+        raise SplitError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(_train(manifest).labels, dtype=np.int64)  # [N]
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(manifest.num_classes):
+        members = np.flatnonzero(labels == c)  # [n_c]
+        if len(members) == 0:
+            continue
+        k = min(len(members), max(1, round(fraction * len(members))))
+        chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def resolve_split(
+    manifest: Manifest,
+    spec: str,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    split_file: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Sorted int64 indices of the labeled samples of the train split.
+
+    Args:
+        manifest: the dataset's manifest.
+        spec: ``1pct`` / ``10pct`` (the standard ImageNet files when available, else a
+            stratified draw), any ``<p>pct`` or ``<p>%`` (a stratified draw), ``all``, or the
+            path of a split file.
+        seed: seed of the stratified draw.
+        data_dir: where ``1percent.txt`` / ``10percent.txt`` are looked for.
+        split_file: a split file to use for ``1pct`` / ``10pct``.
+    """
+    spec = str(spec).strip()
+    if spec in ("all", "100pct", "100%"):
+        return np.arange(_train(manifest).num_samples, dtype=np.int64)
+
+    standard = None
+    if spec in STANDARD_FILES:
+        if split_file is not None:
+            standard = Path(split_file)
+        elif data_dir is not None and (Path(data_dir) / STANDARD_FILES[spec]).is_file():
+            standard = Path(data_dir) / STANDARD_FILES[spec]
+    if standard is not None:
+        log.info("label split %s: %s", spec, standard)
+        return indices_from_names(manifest, read_split_file(standard), str(standard))
+
+    match = _FRACTION.match(spec)
+    if match:
+        fraction = float(match.group(1)) / 100
+        idx = stratified_split(manifest, fraction, seed)
+        log.info("label split %s: stratified draw, seed %d, %d samples", spec, seed, len(idx))
+        return idx
+
+    if Path(spec).is_file() or "/" in spec or spec.endswith(".txt"):
+        return indices_from_names(manifest, read_split_file(spec), spec)
+    raise SplitError(
+        f"label split {spec!r}: expected 1pct, 10pct, <p>pct, all, or the path of a split file"
+    )
+
+
+def write_split(path: str | os.PathLike, manifest: Manifest, indices: np.ndarray) -> Path:
+    """Writes the chosen samples as a split file that `resolve_split` reads back.
+
+    Base names (the standard format) when they are unique in the train split, else paths
+    relative to the split folder.
+    """
+    files = _train(manifest).files
+    bases = [os.path.basename(f) for f in files]
+    names = bases if len(set(bases)) == len(bases) else files
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(names[i] + "\n" for i in np.asarray(indices, dtype=np.int64)))
+    os.replace(tmp, path)
+    return path
+
+
+def _train(manifest: Manifest):
+    if TRAIN not in manifest.splits:
+        raise SplitError(f"the dataset has no {TRAIN!r} split (splits: {sorted(manifest.splits)})")
+    return manifest.splits[TRAIN]

@@ -1,0 +1,470 @@
+"""The converters: one sample list, two formats, bad files skipped, nothing half-written."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convert import common, imagenet_to_dali, imagenet_to_ffcv, make_digits
+from convert.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "owl"]
+EXPECTED_SKIPS = {
+    "train/dog/empty.JPEG": "empty file",
+    "train/dog/notes.JPEG": "not an image",
+    "train/dog/truncated.JPEG": "truncated",
+    "train/owl/locked.JPEG": "unreadable",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: synthetic images and readers for both formats
+# ---------------------------------------------------------------------------------------------
+
+
+def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth RGB image (JPEG-friendly, so re-encoding errors stay small)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    a, b, c = rng.uniform(0.5, 3, size=3)
+    phase = rng.uniform(0, 6, size=3)
+    chans = [np.sin(a * 3 * x + phase[k]) * np.cos(b * 3 * y + c * k) for k in range(3)]
+    return ((np.stack(chans, -1) + 1) * 127.5).round().astype(np.uint8)  # [H, W, 3]
+
+
+def save_jpeg(path: Path, image: np.ndarray, mode: str = "RGB") -> None:
+    Image.fromarray(image).convert(mode).save(path, format="JPEG", quality=95)
+
+
+def read_beton(path: Path) -> dict:
+    """Labels, indices and stored image bytes of a .beton, without compiling a Loader."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    assert reader.field_names == ["image", "label", "index"]
+    md = {name: reader.metadata[f"f{k}"] for k, name in enumerate(reader.field_names)}
+    size_at = {int(p): int(n) for _, p, n in reader.alloc_table}
+    raw = np.fromfile(path, dtype=np.uint8)
+    images = []
+    for m in md["image"]:
+        ptr = int(m["data_ptr"])
+        images.append((int(m["mode"]), bytes(raw[ptr : ptr + size_at[ptr]])))
+    return {"label": md["label"].tolist(), "index": md["index"].tolist(), "images": images}
+
+
+def read_shards(out: Path, manifest: Manifest, split: str) -> dict:
+    """Each sample's .jpg via the offsets file, and the .cls / .idx members via tarfile."""
+    dali = manifest.formats["dali"]
+    offsets = np.load(out / dali["offsets"][split])  # [N, 3]
+    jpgs = []
+    for shard, offset, size in offsets:
+        with open(out / dali["shards"][split][shard], "rb") as f:
+            f.seek(offset)
+            jpgs.append(f.read(size))
+    members: dict[str, dict[int, bytes]] = {"jpg": {}, "cls": {}, "idx": {}}
+    for shard in dali["shards"][split]:
+        with tarfile.open(out / shard) as tar:
+            for m in tar:
+                stem, ext = m.name.split(".")
+                members[ext][int(stem)] = tar.extractfile(m).read()
+    return {"offsets": offsets, "jpgs": jpgs, "members": members}
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float32)
+
+
+def reference(path: Path, max_resolution: int) -> np.ndarray:
+    """The source decoded at full scale and resized the converters' way."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    return common.resize_max_side(image, max_resolution).astype(np.float32)
+
+
+def convert_both(src: Path, out: Path, *extra: str, shard_size: int = 1000) -> Manifest:
+    args = ["--src", str(src), "--out", str(out), *extra]
+    imagenet_to_ffcv.main(args)
+    imagenet_to_dali.main([*args, "--shard-size", str(shard_size)])
+    return load_manifest(out)
+
+
+def simulate_unreadable(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """chmod 000 does not stop root (tests run as root): make `open_source` refuse instead."""
+    real = common.open_source
+
+    def open_source(path):
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(common, "open_source", open_source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory) -> Path:
+    """train/{cat,dog,owl} x 5 good JPEGs plus every bad case; val/ x 2 good JPEGs."""
+    src = tmp_path_factory.mktemp("bad") / "tree"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for c in CLASSES:
+            (src / split / c).mkdir(parents=True)
+            for k in range(n):
+                h, w = rng.integers(36, 72, size=2)
+                save_jpeg(src / split / c / f"img{k}.JPEG", smooth_image(rng, h, w))
+    cat, dog, owl = (src / "train" / c for c in CLASSES)
+    save_jpeg(cat / "cmyk.JPEG", smooth_image(rng, 48, 40), "CMYK")
+    save_jpeg(cat / "gray.JPEG", smooth_image(rng, 40, 56), "L")
+    Image.fromarray(smooth_image(rng, 50, 30)).save(cat / "png_named.JPEG", format="PNG")
+    (dog / "empty.JPEG").write_bytes(b"")
+    good = io.BytesIO()
+    Image.fromarray(smooth_image(rng, 64, 64)).save(good, format="JPEG", quality=95)
+    (dog / "truncated.JPEG").write_bytes(good.getvalue()[: len(good.getvalue()) * 2 // 3])
+    (dog / "notes.JPEG").write_text("not a picture, just some text\n")
+    save_jpeg(owl / "locked.JPEG", smooth_image(rng, 40, 40))
+    (owl / "locked.JPEG").chmod(0)  # effective only when not root; see simulate_unreadable
+    return src
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(bad_tree, tmp_path_factory) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("bad-data") / "data"
+    with pytest.MonkeyPatch.context() as mp:
+        simulate_unreadable(mp, "locked.JPEG")
+        manifest = convert_both(
+            bad_tree, out, "--max-resolution", "32", "--workers", "2", shard_size=7
+        )
+    return out, manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_files_are_skipped_and_listed_in_skipped_txt(bad_dataset):
+    out, manifest = bad_dataset
+    lines = (out / common.SKIPPED_NAME).read_text().splitlines()
+    skipped = dict(line.split("\t") for line in lines)
+    assert sorted(skipped) == sorted(EXPECTED_SKIPS)
+    for path, reason in EXPECTED_SKIPS.items():
+        assert skipped[path].startswith(reason), skipped[path]
+
+    train = manifest.splits["train"]
+    assert {"cat/cmyk.JPEG", "cat/gray.JPEG", "cat/png_named.JPEG"} <= set(train.files)
+    assert train.counts(3) == [8, 5, 5]
+    assert manifest.splits["val"].counts(3) == [2, 2, 2]
+    assert manifest.formats["ffcv"]["skipped"] == manifest.formats["dali"]["skipped"] == 4
+
+
+def test_cmyk_grayscale_and_png_named_jpeg_decode_to_rgb(bad_dataset, bad_tree):
+    out, manifest = bad_dataset
+    files = manifest.splits["train"].files
+    beton = read_beton(out / "train.beton")
+    for name in ("cat/cmyk.JPEG", "cat/gray.JPEG", "cat/png_named.JPEG"):
+        i = files.index(name)
+        got = decode(beton["images"][i][1])
+        want = reference(bad_tree / "train" / name, 32)
+        assert got.shape == want.shape and got.shape[2] == 3
+        assert np.abs(got - want).mean() < 4, name
+    gray = decode(beton["images"][files.index("cat/gray.JPEG")][1])
+    assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 2
+
+
+def test_strict_fails_at_the_first_bad_file(bad_tree, tmp_path):
+    out = tmp_path / "data"
+    with pytest.raises(common.ConversionError, match=r"dog/empty\.JPEG: empty file"):
+        imagenet_to_dali.main(["--src", str(bad_tree), "--out", str(out), "--strict"])
+    assert not (out / MANIFEST_NAME).exists()
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    src = tmp_path / "tree"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+    save_jpeg(src / "a" / "x.jpg", smooth_image(np.random.default_rng(0), 16, 16))
+    (src / "b" / ".hidden").write_text("")
+    with pytest.raises(common.ConversionError, match=r"tree/b: empty class folder"):
+        common.prepare_source(src)
+
+
+def test_check_image_detects_truncation_at_reduced_scale(tmp_path):
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, size=(384, 512, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    for cut in (len(data) // 3, len(data) * 9 // 10, len(data) - 2):  # last: only EOI missing
+        path = tmp_path / f"cut{cut}.jpg"
+        path.write_bytes(data[:cut])
+        reason = common.check_image(path)
+        assert reason is not None and reason.startswith("truncated"), (cut, reason)
+    (tmp_path / "whole.jpg").write_bytes(data)
+    assert common.check_image(tmp_path / "whole.jpg") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Both formats hold the same samples
+# ---------------------------------------------------------------------------------------------
+
+
+def check_formats_agree(
+    out: Path, manifest: Manifest, src: Path, max_resolution: int, tolerance: float
+) -> None:
+    """Labels, index <-> file mapping and pixels agree in the manifest, .beton and shards."""
+    for split, info in manifest.splits.items():
+        n = info.num_samples
+        beton = read_beton(out / f"{split}.beton")
+        shards = read_shards(out, manifest, split)
+        assert beton["index"] == list(range(n))
+        assert beton["label"] == info.labels
+        assert sorted(shards["members"]["cls"]) == list(range(n))
+        assert [int(shards["members"]["cls"][i]) for i in range(n)] == info.labels
+        assert [int(shards["members"]["idx"][i]) for i in range(n)] == list(range(n))
+        assert all(shards["members"]["jpg"][i] == shards["jpgs"][i] for i in range(n))
+        shard_size = manifest.formats["dali"]["shard_size"]
+        assert (shards["offsets"][:, 0] == np.arange(n) // shard_size).all()
+
+        # jpg mode: both formats store byte-identical JPEGs (same decode, resize and encoder)
+        assert all(mode == 0 for mode, _ in beton["images"])
+        assert all(b == s for (_, b), s in zip(beton["images"], shards["jpgs"], strict=True))
+        diffs = [
+            np.abs(
+                decode(shards["jpgs"][i]) - reference(src / split / info.files[i], max_resolution)
+            ).mean()
+            for i in range(0, n, max(1, n // 25))
+        ]
+        assert max(diffs) < tolerance, diffs
+
+
+def test_both_formats_agree_on_generated_tree(bad_dataset, bad_tree):
+    out, manifest = bad_dataset
+    assert set(manifest.formats) == {"ffcv", "dali"}
+    assert manifest.formats["dali"]["shard_counts"]["train"] == [7, 7, 4]
+    # 36-72 px synthetic images with strong colour detail, shrunk to 32 px: JPEG's 4:2:0 chroma
+    # subsampling costs a few grey levels at this size.
+    check_formats_agree(out, manifest, bad_tree, 32, tolerance=6)
+
+
+def test_both_formats_agree_on_real_cifar(cifar_dataset, cifar_tree):
+    manifest = load_manifest(cifar_dataset)
+    assert manifest.classes == sorted(p.name for p in (cifar_tree / "train").iterdir())
+    assert manifest.splits["train"].counts(10) == [60] * 10
+    assert manifest.splits["val"].counts(10) == [10] * 10
+    assert manifest.formats["ffcv"]["max_resolution"] == 32
+    check_formats_agree(cifar_dataset, manifest, cifar_tree, 32, tolerance=3)
+
+
+def test_dali_webdataset_reader_reads_the_shards(cifar_dataset):
+    from nvidia.dali import fn, pipeline_def
+
+    manifest = load_manifest(cifar_dataset)
+    dali = manifest.formats["dali"]
+
+    @pipeline_def(batch_size=50, num_threads=1, device_id=None)
+    def pipe():
+        jpg, cls, idx = fn.readers.webdataset(
+            paths=[str(cifar_dataset / s) for s in dali["shards"]["val"]],
+            index_paths=[str(cifar_dataset / s) for s in dali["index_files"]["val"]],
+            ext=["jpg", "cls", "idx"],
+        )
+        return fn.decoders.image(jpg, device="cpu"), cls, idx
+
+    p = pipe()
+    p.build()
+    images, cls, idx = p.run()
+    labels = manifest.splits["val"].labels
+    for k in range(50):
+        i = int(np.asarray(idx.at(k)).tobytes())
+        assert int(np.asarray(cls.at(k)).tobytes()) == labels[i]
+        assert np.asarray(images.at(k)).shape == (32, 32, 3)
+
+
+def test_manifest_lists_the_same_samples_for_both_converters(bad_dataset, bad_tree):
+    out, manifest = bad_dataset
+    with pytest.MonkeyPatch.context() as mp:
+        simulate_unreadable(mp, "locked.JPEG")
+        again = common.prepare_source(bad_tree, workers=1)
+    for split, info in again.splits.items():
+        assert info.fingerprint() == manifest.splits[split].fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
+# ---------------------------------------------------------------------------------------------
+
+
+def small_tree(root: Path, classes: tuple[str, ...], per_class: int = 3) -> Path:
+    rng = np.random.default_rng(len(classes))
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            save_jpeg(root / c / f"{k}.jpg", smooth_image(rng, 20, 24))
+    return root
+
+
+def finished_looking(out: Path) -> list[str]:
+    names = [MANIFEST_NAME, "train.beton", "val.beton", common.SKIPPED_NAME]
+    found = [n for n in names if (out / n).exists()]
+    return found + [p.name for p in out.glob("shards/*") if p.suffix in (".tar", ".idx", ".npy")]
+
+
+def fail_on(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Makes the writing pass (not validation) die on one file, as a crash midway would."""
+    real = common.load_rgb
+
+    def load_rgb(path, max_resolution):
+        if Path(path).name == name:
+            raise OSError("simulated crash")
+        return real(path, max_resolution)
+
+    monkeypatch.setattr(common, "load_rgb", load_rgb)
+
+
+@pytest.mark.parametrize("module", [imagenet_to_dali, imagenet_to_ffcv], ids=["dali", "ffcv"])
+def test_failed_conversion_leaves_no_finished_looking_file(module, tmp_path, monkeypatch):
+    src = small_tree(tmp_path / "tree", ("a", "b", "c"), per_class=4)
+    out = tmp_path / "data"
+    fail_on(monkeypatch, "2.jpg")
+    argv = ["--src", str(src), "--out", str(out), "--workers", "2"]
+    extra = ["--chunk-size", "1"] if module is imagenet_to_ffcv else ["--shard-size", "2"]
+    with pytest.raises(common.ConversionError, match="2.jpg|worker failed"):
+        module.main(argv + extra)
+    assert finished_looking(out) == []
+    assert list(out.rglob("*.tmp")) == []
+
+
+def test_leftover_tmp_files_are_removed(tmp_path):
+    src = small_tree(tmp_path / "tree", ("a", "b"))
+    out = tmp_path / "data"
+    (out / "shards").mkdir(parents=True)
+    (out / "train.beton.tmp").write_bytes(b"half")
+    (out / "shards" / "train-00003.tar.tmp").write_bytes(b"half")
+    imagenet_to_dali.main(["--src", str(src), "--out", str(out), "--workers", "1"])
+    assert list(out.rglob("*.tmp")) == []
+
+
+def test_second_conversion_into_a_busy_folder_fails_at_once(tmp_path):
+    src = small_tree(tmp_path / "tree", ("a", "b"))
+    out = tmp_path / "data"
+    with common.output_lock(out):  # as if another converter were running
+        with pytest.raises(common.ConversionError, match="another conversion is writing"):
+            imagenet_to_dali.main(["--src", str(src), "--out", str(out)])
+    imagenet_to_dali.main(["--src", str(src), "--out", str(out), "--workers", "1"])
+
+
+def test_other_dataset_in_out_folder_needs_force(tmp_path):
+    out = tmp_path / "data"
+    first = small_tree(tmp_path / "one", ("a", "b"))
+    second = small_tree(tmp_path / "two", ("a", "b", "c"))
+    imagenet_to_dali.main(["--src", str(first), "--out", str(out), "--shard-size", "1"])
+    assert len(list(out.glob("shards/*.tar"))) == 6
+
+    with pytest.raises(ManifestError, match="different dataset.*--force"):
+        imagenet_to_dali.main(["--src", str(second), "--out", str(out)])
+    assert load_manifest(out).num_classes == 2
+
+    imagenet_to_dali.main(["--src", str(second), "--out", str(out), "--force"])
+    manifest = load_manifest(out)
+    assert manifest.num_classes == 3 and manifest.formats["dali"]["shards"]["train"] == [
+        "shards/train-00000.tar"
+    ]
+    assert sorted(p.name for p in out.glob("shards/*")) == [
+        "train-00000.idx",
+        "train-00000.tar",
+        "train-offsets.npy",
+    ]
+
+
+def test_flat_image_folder_is_one_train_split_and_limit_per_class_applies(tmp_path):
+    src = small_tree(tmp_path / "flat", ("x", "y"), per_class=5)
+    out = tmp_path / "data"
+    manifest = imagenet_to_dali.main(
+        ["--src", str(src), "--out", str(out), "--limit-per-class", "2"]
+    )
+    assert list(manifest.splits) == ["train"]
+    assert manifest.splits["train"].files == ["x/0.jpg", "x/1.jpg", "y/0.jpg", "y/1.jpg"]
+    assert manifest.splits["train"].labels == [0, 0, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and encoding match FFCV's
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resize_and_jpeg_encode_match_ffcv():
+    from ffcv.fields.rgb_image import encode_jpeg, resizer
+
+    rng = np.random.default_rng(1)
+    for h, w in ((300, 200), (100, 257), (64, 64)):
+        image = smooth_image(rng, h, w)
+        ours = common.resize_max_side(image, 128)
+        assert np.array_equal(ours, resizer(image, 128))
+        assert np.array_equal(resizer(ours, 128), ours)  # FFCV's writer leaves it alone
+        assert common.encode_jpeg(ours, 90) == encode_jpeg(ours, 90).tobytes()
+
+
+def test_load_rgb_drafts_large_jpegs_without_losing_resolution(tmp_path):
+    image = smooth_image(np.random.default_rng(2), 600, 1000)
+    save_jpeg(tmp_path / "big.jpg", image)
+    got = common.load_rgb(tmp_path / "big.jpg", 256)
+    assert max(got.shape[:2]) in (255, 256) and got.shape[2] == 3
+    want = reference(tmp_path / "big.jpg", 256)
+    assert got.shape == want.shape and np.abs(got - want).mean() < 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and demo data
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_tree(tmp_path_factory) -> Path:
+    """The demo tree, written by running ``python convert/make_digits.py`` from the root."""
+    tree = tmp_path_factory.mktemp("digits") / "digits-tree"
+    cmd = [sys.executable, "convert/make_digits.py", "--out", str(tree)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return tree
+
+
+def test_scripts_run_as_files_from_the_repo_root(digits_tree, tmp_path):
+    cmd = [sys.executable, "convert/imagenet_to_dali.py", "--src", str(digits_tree)]
+    cmd += ["--out", str(tmp_path / "digits"), "--limit-per-class", "3", "--workers", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    assert "dali: 60 images, 10 classes, 0 skipped" in res.stderr
+    cmd = [sys.executable, "convert/imagenet_to_ffcv.py", "--help"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "--write-mode" in res.stdout
+
+
+def test_make_digits_writes_an_rgb_image_folder_split_80_20(digits_tree):
+    train = sorted(digits_tree.glob("train/*/*.png"))
+    val = sorted(digits_tree.glob("val/*/*.png"))
+    assert len(train) + len(val) == 1797 and 340 <= len(val) <= 380
+    assert sorted(p.name for p in (digits_tree / "val").iterdir()) == [str(d) for d in range(10)]
+    image = Image.open(train[0])
+    assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def test_make_digits_split_is_deterministic_and_stratified():
+    target = np.repeat(np.arange(10), 50)
+    first = make_digits.assign_splits(target, 0.2, seed=0)
+    assert first == make_digits.assign_splits(target, 0.2, seed=0)
+    assert first != make_digits.assign_splits(target, 0.2, seed=1)
+    val_per_class = np.bincount(target[np.array(first) == "val"], minlength=10)
+    assert (val_per_class == 10).all()
+
+
+def test_make_digits_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileExistsError, match="not written by make_digits"):
+        make_digits.write_digits(tmp_path / "mine")
