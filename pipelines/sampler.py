@@ -53,7 +53,7 @@ class StratifiedSampler:
         if classes_per_batch < 1 or images_per_class < 1:
             raise ValueError("classes_per_batch and images_per_class must be at least 1")
         self.by_class = {int(c): indices[labels == c] for c in self.classes}
-        self.label_of = dict(zip(indices.tolist(), labels.tolist()))
+        self.label_of = dict(zip(indices.tolist(), labels.tolist(), strict=True))
         self.C, self.K = classes_per_batch, images_per_class
         self.rank, self.world_size = rank, world_size
         self.per_rank_classes = per_rank_classes
@@ -94,8 +94,9 @@ class StratifiedSampler:
             chosen = class_order[class_pos : class_pos + self.C]
             class_pos += self.C
             for j, c in enumerate(chosen.tolist()):
-                drawn = self._deal(rng, decks, deck_pos, c, need)
-                out[step, j * self.K : (j + 1) * self.K] = drawn[slot * self.K : (slot + 1) * self.K]
+                drawn = self._deal(rng, decks, deck_pos, c, need)  # [need]
+                mine = drawn[slot * self.K : (slot + 1) * self.K]  # [K], this rank's slice
+                out[step, j * self.K : (j + 1) * self.K] = mine
         labels = np.vectorize(self.label_of.__getitem__, otypes=[np.int64])(out)
         return out, labels
 

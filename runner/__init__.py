@@ -1,0 +1,1 @@
+"""The program around the rooms: config, distributed setup, training loop, checkpoints, metrics."""

@@ -1,0 +1,169 @@
+"""Checkpoints written atomically, so a crash or a full disk never costs the previous one.
+
+A checkpoint holds the model, optimizer and scaler states, the next epoch to run, the global
+step, the RNG states (torch, CUDA, numpy, python) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+LATEST = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written or read; the message says what survived."""
+
+
+def periodic_name(epoch: int) -> str:
+    """`checkpoint-ep0010.pt` for the state after `epoch` completed epochs."""
+    return f"checkpoint-ep{epoch:04d}.pt"
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        n = min(len(state["cuda"]), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(state["cuda"][:n])
+
+
+def _write(obj: dict, f) -> None:
+    """Serialises into an open file (the one place that touches the disk; tests patch it)."""
+    torch.save(obj, f)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _failure(path: Path, e: OSError) -> CheckpointError:
+    survivor = f"the previous {path.name} is intact" if path.exists() else "no earlier one exists"
+    full = " (disk full)" if e.errno == errno.ENOSPC else ""
+    return CheckpointError(f"writing checkpoint {path} failed{full}: {e}; {survivor}")
+
+
+def atomic_save(obj: dict, path: str | Path) -> Path:
+    """Writes `obj` to a temporary name beside `path`, fsyncs it, then renames it over `path`.
+
+    Raises:
+        CheckpointError: the write failed; `path` still holds the previous checkpoint.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            _write(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _failure(path, e) from e
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copies a finished checkpoint to another name, atomically."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _failure(dst, e) from e
+    return dst
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    epoch: int,
+    step: int,
+    config: dict,
+    keep: bool = False,
+) -> Path:
+    """Saves the state after `epoch` completed epochs as checkpoint.pt (and a kept copy).
+
+    Args:
+        model: the bare model (not the DDP wrapper).
+        scaler: a GradScaler or None.
+        epoch: completed epochs, i.e. the epoch a resumed run starts with.
+        step: global steps done.
+        keep: also keep `checkpoint-epXXXX.pt`.
+    """
+    run_dir = Path(run_dir)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "rng": rng_state(),
+        "config": config,
+    }
+    path = atomic_save(state, run_dir / LATEST)
+    if keep:
+        atomic_copy(path, run_dir / periodic_name(epoch))
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Reads a checkpoint written by `save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path}")
+    try:
+        # Checkpoints hold numpy and python RNG states, hence weights_only=False: only load
+        # checkpoints this program wrote.
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"--resume: cannot read checkpoint {path} ({e})") from e
+
+
+def restore(state: dict, *, model, optimizer, scaler) -> tuple[int, int]:
+    """Loads a checkpoint's states in place; returns (next epoch, global step)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), int(state["step"])

@@ -1,0 +1,244 @@
+"""The run's configuration: one frozen dataclass per section, presets, flags, JSON round trip.
+
+Precedence, lowest first: dataclass defaults < preset TOML (`--config`) < command-line
+overrides. The resolved config is written to the run folder as JSON and read back on
+`--resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import tomllib
+
+from model.config import LossConfig, ModelConfig, OptimConfig
+from pipelines.config import AugConfig, DataConfig
+
+PIPELINES = ("ffcv", "dali", "synthetic")
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting; the message names the option."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the program does with the model and data: where, how long, how to log."""
+
+    out: str = "runs/run"  # run folder: config, label split, checkpoints, metrics, plot
+    epochs: int = 100
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler, CUDA only)
+    log_interval: int = 10  # steps between log lines (the only host reads of the losses)
+    checkpoint_every: int = 10  # epochs between kept checkpoint-epXXXX.pt (0: none)
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All sections; each component receives only its own."""
+
+    data: DataConfig = DataConfig()
+    aug: AugConfig = AugConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+
+
+SECTIONS = tuple(f.name for f in fields(TrainConfig))
+
+
+def section_types(cls: type) -> dict[str, typing.Any]:
+    """Field name -> resolved type of a section dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def section_class(section: str) -> type:
+    return section_types(TrainConfig)[section]
+
+
+def parse_value(text: str, kind: typing.Any, option: str) -> typing.Any:
+    """Parses a command-line string into a field's type (bool, int, float, str, tuple)."""
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return low in ("true", "1", "yes")
+        if typing.get_origin(kind) is tuple:
+            args = typing.get_args(kind)
+            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+            if len(parts) != len(args):
+                raise ValueError(f"expected {len(args)} comma-separated values")
+            return tuple(a(p) for a, p in zip(args, parts, strict=True))
+        return kind(text)
+    except ValueError as e:
+        raise ConfigError(f"{option}: cannot read {text!r} as {kind} ({e})") from e
+
+
+def coerce(value: typing.Any, kind: typing.Any, option: str) -> typing.Any:
+    """Checks a TOML/JSON value against a field's type (lists become tuples)."""
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(typing.get_args(kind)):
+            raise ConfigError(f"{option}: expected a list of {len(typing.get_args(kind))}")
+        return tuple(a(v) for a, v in zip(typing.get_args(kind), value, strict=True))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (bool, int, float, str) and type(value) is not kind:
+        raise ConfigError(f"{option}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def apply(cfg: TrainConfig, updates: dict[str, dict[str, typing.Any]], origin: str) -> TrainConfig:
+    """Returns cfg with `{section: {field: value}}` applied; unknown names raise ConfigError."""
+    for section, values in updates.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section [{section}]; sections: {SECTIONS}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        types = section_types(section_class(section))
+        for name in values:
+            if name not in types:
+                known = ", ".join(types)
+                raise ConfigError(f"{origin}: unknown option {section}.{name}; known: {known}")
+        checked = {k: coerce(v, types[k], f"{origin}: {section}.{k}") for k, v in values.items()}
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **checked)})
+    return cfg
+
+
+def load_preset(path: str | Path, cfg: TrainConfig | None = None) -> TrainConfig:
+    """Reads a preset TOML file (sections data, aug, model, loss, optim, run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: preset {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: {path} is not valid TOML ({e})") from e
+    return apply(cfg or TrainConfig(), table, str(path))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, origin: str = "config") -> TrainConfig:
+    return apply(TrainConfig(), d, origin)
+
+
+def save_json(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume: cannot read the saved config {path} ({e})") from e
+    return from_dict(d, str(path))
+
+
+def flag_names() -> dict[str, tuple[str, str]]:
+    """Command-line flag -> (section, field): `--batch-size` where the field name is unique
+    across sections, `--section-field` where it is not."""
+    seen: dict[str, list[str]] = {}
+    for section in SECTIONS:
+        for name in section_types(section_class(section)):
+            seen.setdefault(name, []).append(section)
+    out = {}
+    for name, sections in seen.items():
+        for section in sections:
+            flag = name if len(sections) == 1 else f"{section}_{name}"
+            out["--" + flag.replace("_", "-")] = (section, name)
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, str]]:
+    """`["data.batch_size=64"]` -> `{"data": {"batch_size": "64"}}` (values still strings)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set: expected SECTION.FIELD=VALUE, got {item!r}")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def apply_strings(cfg: TrainConfig, updates: dict[str, dict[str, str]], origin: str) -> TrainConfig:
+    """Applies string values from the command line, parsed with each field's type."""
+    parsed: dict[str, dict] = {}
+    for section, values in updates.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {section!r}; sections: {SECTIONS}")
+        types = section_types(section_class(section))
+        for name, text in values.items():
+            if name not in types:
+                raise ConfigError(f"{origin}: unknown option {section}.{name}")
+            parsed.setdefault(section, {})[name] = parse_value(
+                text, types[name], f"{section}.{name}"
+            )
+    return apply(cfg, parsed, origin)
+
+
+def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> None:
+    """Rejects impossible settings before any work starts; the message names the option.
+
+    Checks that need the labeled split (C x K against it) live in `check_split`.
+    """
+    d, r, a = cfg.data, cfg.run, cfg.aug
+    if d.backend not in PIPELINES:
+        raise ConfigError(f"--pipeline: unknown pipeline {d.backend!r}; choose from {PIPELINES}")
+    if r.device not in DEVICES:
+        raise ConfigError(f"--device: unknown device {r.device!r}; choose from {DEVICES}")
+    if r.device == "cuda" and not cuda_available:
+        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if r.precision not in PRECISIONS:
+        raise ConfigError(f"--precision: unknown {r.precision!r}; choose from {PRECISIONS}")
+    if r.precision == "fp16" and r.device != "cuda":
+        raise ConfigError("--precision fp16 needs --device cuda (use fp32 or bf16 on a CPU)")
+    if d.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1 per rank, got {d.batch_size}")
+    if d.batch_size * world_size < max(2, world_size):
+        raise ConfigError(
+            f"--batch-size: the global batch {d.batch_size} x {world_size} ranks is smaller "
+            "than 2 images; NT-Xent needs negatives"
+        )
+    if d.classes_per_batch < 1 or d.images_per_class < 1:
+        raise ConfigError("--classes-per-batch and --images-per-class must be >= 1")
+    if d.n_supervised_views < 1:
+        raise ConfigError("--n-supervised-views: must be >= 1")
+    if a.n_large + a.n_small < 2:
+        raise ConfigError("--n-large/--n-small: NT-Xent needs at least 2 unlabeled views")
+    for name in ("epochs", "log_interval", "max_nonfinite"):
+        if getattr(r, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
+    if r.checkpoint_every < 0:
+        raise ConfigError("--checkpoint-every: must be >= 0")
+
+
+def check_split(cfg: TrainConfig, n_labeled: int, n_classes: int, world_size: int = 1) -> None:
+    """Rejects a labeled batch the chosen split cannot fill (C x K, C)."""
+    d = cfg.data
+    if d.classes_per_batch > n_classes:
+        raise ConfigError(
+            f"--classes-per-batch {d.classes_per_batch}: the labeled split ({d.labels}) holds "
+            f"only {n_classes} classes"
+        )
+    need = d.classes_per_batch * d.images_per_class
+    if need > n_labeled:
+        raise ConfigError(
+            f"--classes-per-batch x --images-per-class = {d.classes_per_batch} x "
+            f"{d.images_per_class} = {need} exceeds the {n_labeled} labeled images of the "
+            f"split ({d.labels})"
+        )

@@ -1,0 +1,91 @@
+"""Process group from torchrun's environment, rank helpers, and the DDP wrap."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them; (0, 1, 0) without torchrun."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Joins the process group (NCCL on CUDA, Gloo on CPU) when WORLD_SIZE > 1."""
+    rank, world, local = env_world()
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if device == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_agree(flag: bool, info: DistInfo) -> bool:
+    """True only if `flag` is true on every rank (one tiny all-reduce; host sync)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def wrap_model(model: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
+    """Moves the model to its device, channels-last first, then SyncBatchNorm + DDP.
+
+    Channels-last is applied before the wrap so DDP's buckets match the parameters' layout.
+    """
+    model = model.to(info.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not info.distributed:
+        return model
+    if info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Limitation: on CPU (Gloo) BatchNorm stays per-rank; torch's SyncBatchNorm accepts only
+    # GPU inputs, so CPU multi-process runs normalise with each rank's own batch statistics.
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

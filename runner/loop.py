@@ -1,0 +1,333 @@
+"""The training step and the epoch loop: losses, skipped non-finite steps, logging, checkpoints.
+
+One step: one forward of `[labeled views..., large views..., small views...]` (the model runs
+its backbone once per crop size), NT-Xent over the unlabeled projections `[V, B, D]`, SuNCEt
+over the labeled projections with the labels repeated per supervised view, and
+`suncet_total` of the two. Loss sums stay on the device and are read only on log steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model.losses import NTXentLoss, SuNCEtLoss, suncet_total
+from model.optim import set_lr
+from pipelines.batch import Batch
+from runner import checkpoint as ckpt
+from runner import metrics
+from runner.config import TrainConfig, to_dict
+from runner.distributed import DistInfo, all_agree, barrier, unwrap
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the message names the last good checkpoint."""
+
+
+@dataclass
+class StepLosses:
+    """One step's losses, still on the device; `l_sup` is None once SuNCEt is off."""
+
+    l_unsup: Tensor
+    l_sup: Tensor | None
+    total: Tensor
+
+
+class IntervalStats:
+    """Device-side loss sums and host-side timing of one log interval."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        zero = lambda: torch.zeros((), device=self.device)
+        self.sum_unsup, self.sum_sup, self.sum_total = zero(), zero(), zero()
+        self.ok_steps = 0  # steps with a finite loss (their losses are in the sums)
+        self.sup_steps = 0
+        self.nonfinite = 0
+        self.images = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, losses: StepLosses) -> None:
+        self.sum_unsup += losses.l_unsup.detach()
+        self.sum_total += losses.total.detach()
+        if losses.l_sup is not None:
+            self.sum_sup += losses.l_sup.detach()
+            self.sup_steps += 1
+        self.ok_steps += 1
+
+    def means(self) -> tuple[float | None, float | None, float | None]:
+        """Reads the sums back (the interval's one host sync)."""
+        n = max(self.ok_steps, 1)
+        sums = torch.stack([self.sum_unsup, self.sum_sup, self.sum_total]).tolist()
+        l_unsup = sums[0] / n if self.ok_steps else None
+        l_sup = sums[1] / self.sup_steps if self.sup_steps else None
+        l_total = sums[2] / n if self.ok_steps else None
+        return l_unsup, l_sup, l_total
+
+
+class Trainer:
+    """Owns the model, optimizer and schedule of a run and drives its epochs.
+
+    Args:
+        cfg: the resolved config.
+        model: the model, already on its device (DDP-wrapped when distributed).
+        optimizer: from `model.optim.build_optimizer`.
+        schedule: LR of every global step, `[epochs * steps_per_epoch]`.
+        info: rank, world size, device.
+        run_dir: the run folder (rank 0 writes into it).
+        flops_per_step: training FLOPs of one rank's step, `{sup_active: flops}`.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: np.ndarray,
+        info: DistInfo,
+        run_dir: str | Path,
+        flops_per_step: dict[bool, int] | None = None,
+    ):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.schedule, self.info = schedule, info
+        self.run_dir = Path(run_dir)
+        self.flops_per_step = flops_per_step or {True: 0, False: 0}
+        gather = info.distributed
+        self.ntxent = NTXentLoss(cfg.loss.temperature, gather_distributed=gather)
+        self.suncet = SuNCEtLoss(
+            cfg.loss.sup_temperature, cfg.loss.label_smoothing, gather_distributed=gather
+        )
+        precision, device = cfg.run.precision, info.device
+        self.amp_dtype = AMP_DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.metrics = metrics.MetricsLog(self.run_dir, enabled=info.is_main)
+        self.step = 0  # global steps done
+        self.images = 0  # source images processed, all ranks
+        self.flops = 0  # estimated training FLOPs, all ranks
+        self.nonfinite_run = 0  # consecutive non-finite steps
+        self.last_checkpoint: Path | None = None
+        self.t0 = time.perf_counter()
+        self.stats = IntervalStats(device)
+
+    # ----------------------------------------------------------------------------- one step
+
+    def sup_active(self, epoch: int) -> bool:
+        loss = self.cfg.loss
+        return loss.sup_weight != 0 and epoch < loss.supervised_epochs
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def forward_losses(self, batch: Batch, epoch: int) -> StepLosses:
+        """One forward pass over every view, then both losses (on this rank's anchors)."""
+        # 1. Labeled views next to the large views, so all large crops share a backbone pass.
+        sup = self.sup_active(epoch)
+        labeled = list(batch.labeled_views) if sup else []
+        views = [*labeled, *batch.unlabeled_views]
+        with self.autocast():
+            z = self.model(views)  # len(views) x [B_v, D]
+        z_labeled, z_unlabeled = z[: len(labeled)], z[len(labeled) :]
+
+        # 2. NT-Xent over the unlabeled views of each image (gathered inside the loss).
+        l_unsup = self.ntxent(torch.stack(z_unlabeled))  # [V, B, D] -> []
+
+        # 3. SuNCEt over the labeled views; labels repeat once per supervised view.
+        l_sup = None
+        if sup:
+            z_sup = torch.cat(z_labeled)  # [n_sup * C*K, D]
+            y_sup = batch.labels.repeat(len(z_labeled))  # [n_sup * C*K]
+            l_sup = self.suncet(z_sup, y_sup)  # []
+
+        # 4. A new tensor for the total: the logged parts keep their own values.
+        loss = self.cfg.loss
+        total = suncet_total(l_unsup, l_sup, loss.sup_weight, epoch, loss.supervised_epochs)
+        return StepLosses(l_unsup, l_sup, total)
+
+    def train_step(self, batch: Batch, epoch: int) -> bool:
+        """Forward, backward and update; returns False when the loss was non-finite.
+
+        A non-finite loss skips backward and the update entirely (no weight moves).
+        """
+        set_lr(self.optimizer, float(self.schedule[self.step]))
+        losses = self.forward_losses(batch, epoch)
+
+        # Limitation: the finiteness check reads one flag back per step (a host sync before
+        # backward); skipping an update cannot be decided on the device with this optimizer.
+        finite = all_agree(bool(torch.isfinite(losses.total).item()), self.info)
+        if not finite:
+            self.on_nonfinite(losses, epoch)
+            return False
+        self.nonfinite_run = 0
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(losses.total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            losses.total.backward()
+            self.optimizer.step()
+        self.stats.add(losses)
+        return True
+
+    def on_nonfinite(self, losses: StepLosses, epoch: int) -> None:
+        """Logs the skipped step; stops the run after `max_nonfinite` in a row."""
+        self.nonfinite_run += 1
+        self.stats.nonfinite += 1
+        limit = self.cfg.run.max_nonfinite
+        parts = f"l_unsup {losses.l_unsup.item():.4g}"
+        if losses.l_sup is not None:
+            parts += f" l_sup {losses.l_sup.item():.4g}"
+        if self.info.is_main:
+            log.warning(
+                "step %d ep %d | non-finite loss (%s): update skipped (%d in a row, stop at %d)",
+                self.step + 1,
+                epoch,
+                parts,
+                self.nonfinite_run,
+                limit,
+            )
+        if self.nonfinite_run >= limit:
+            kept = self.last_checkpoint or "none (no epoch finished)"
+            raise NonFiniteLossError(
+                f"stopped at step {self.step + 1} (epoch {epoch}): {limit} non-finite losses in a "
+                f"row (--max-nonfinite {limit}); last good checkpoint: {kept}"
+            )
+
+    # ------------------------------------------------------------------------- one epoch
+
+    def step_images(self, batch: Batch) -> int:
+        return (batch.batch_size + batch.n_labeled) * self.info.world_size
+
+    def train_epoch(self, pipeline, epoch: int) -> None:
+        """Runs one epoch of `pipeline` (already `set_epoch`-ed), logging every interval."""
+        n_steps = len(pipeline)
+        bar = self.progress(n_steps, epoch)
+        batches = iter(pipeline)
+        self.stats.reset()
+        for i in range(n_steps):
+            # 1. Next batch; the time blocked here is the data-wait.
+            t = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            self.stats.wait += time.perf_counter() - t
+
+            # 2. Step, counting images and FLOPs whether or not the update happened.
+            self.train_step(batch, epoch)
+            self.step += 1
+            images = self.step_images(batch)
+            self.stats.images += images
+            self.images += images
+            sup = self.sup_active(epoch)
+            self.flops += self.flops_per_step[sup] * self.info.world_size
+
+            # 3. Log on interval steps and at the end of the epoch.
+            if self.step % self.cfg.run.log_interval == 0 or i == n_steps - 1:
+                rec = self.log_interval(epoch, sup)
+                if bar is not None:
+                    bar.set_postfix_str(f"l_unsup {metrics._num(rec['l_unsup'], '.3f')}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    def progress(self, n_steps: int, epoch: int):
+        """A tqdm bar on rank 0 when stdout is a terminal; None otherwise."""
+        if not (self.info.is_main and sys.stdout.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=n_steps, desc=f"ep {epoch}", leave=False, dynamic_ncols=True)
+
+    def log_interval(self, epoch: int, sup: bool) -> dict:
+        """Reads the interval's loss sums (the only host read of losses) and logs one line."""
+        s = self.stats
+        l_unsup, l_sup, l_total = s.means()
+        elapsed = max(time.perf_counter() - s.start, 1e-9)
+        rec = {
+            "step": self.step,
+            "epoch": epoch,
+            "l_unsup": l_unsup,
+            "l_sup": l_sup,
+            "l_total": l_total,
+            "sup_active": sup,
+            "lr": float(self.schedule[self.step - 1]),
+            "img_per_s": s.images / elapsed,
+            "data_wait": min(s.wait / elapsed, 1.0),
+            "nonfinite": s.nonfinite,
+            "images": self.images,
+            "flops": self.flops,
+            "time": time.perf_counter() - self.t0,
+        }
+        if self.info.is_main:
+            log.info(metrics.format_line(rec))
+            self.metrics.append(rec)
+        s.reset()
+        return rec
+
+    # ------------------------------------------------------------------------ the run
+
+    def fit(self, pipeline, start_epoch: int = 0) -> None:
+        """Epochs `start_epoch .. epochs-1`; a checkpoint and a plot after each."""
+        for epoch in range(start_epoch, self.cfg.run.epochs):
+            pipeline.set_epoch(epoch)
+            self.train_epoch(pipeline, epoch)
+            self.end_epoch(epoch)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Rank 0 writes checkpoint.pt (and every N epochs a kept copy) and the plot."""
+        done = epoch + 1
+        every = self.cfg.run.checkpoint_every
+        if self.info.is_main:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.run_dir,
+                model=unwrap(self.model),
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+                epoch=done,
+                step=self.step,
+                config=to_dict(self.cfg),
+                keep=every > 0 and done % every == 0,
+            )
+            metrics.plot(self.metrics.read(), self.run_dir / metrics.PLOT)
+            self.metrics.write_csv()
+            log.info(
+                "epoch %d done | %d images | %.3e FLOPs | %.0f s | saved %s",
+                epoch,
+                self.images,
+                self.flops,
+                time.perf_counter() - self.t0,
+                self.last_checkpoint.name,
+            )
+        barrier()
+
+    def resume_from(self, state: dict) -> int:
+        """Loads a checkpoint into this trainer; returns the epoch to start with."""
+        epoch, self.step = ckpt.restore(
+            state, model=unwrap(self.model), optimizer=self.optimizer, scaler=self.scaler
+        )
+        self.last_checkpoint = self.run_dir / ckpt.LATEST
+        self.metrics.truncate_after(self.step)
+        done = self.metrics.read()
+        if done:
+            self.images, self.flops = done[-1]["images"], done[-1]["flops"]
+        return epoch

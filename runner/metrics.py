@@ -1,0 +1,101 @@
+"""What a run reports: the log line, metrics.jsonl (+ metrics.csv), and a PNG of losses and LR."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+CSV = "metrics.csv"
+PLOT = "metrics.png"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def format_line(rec: dict) -> str:
+    """`step 1200 ep 3 | l_unsup 5.12 l_sup 2.31 | lr 4.80e-01 | 11850 img/s | data-wait 3%`.
+
+    `l_sup` reads `off` once SuNCEt is no longer added (after `supervised_epochs`).
+    """
+    sup = _num(rec["l_sup"], ".2f") if rec.get("sup_active", True) else "off"
+    line = (
+        f"step {rec['step']} ep {rec['epoch']} | l_unsup {_num(rec['l_unsup'], '.2f')} "
+        f"l_sup {sup} | lr {rec['lr']:.2e} | {rec['img_per_s']:.0f} img/s | "
+        f"data-wait {100 * rec['data_wait']:.0f}%"
+    )
+    if rec.get("nonfinite"):
+        line += f" | non-finite {rec['nonfinite']}"
+    return line
+
+
+class MetricsLog:
+    """Appends one JSON object per log step to `run_dir/metrics.jsonl` (rank 0 only)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.path = Path(run_dir) / METRICS
+        self.enabled = enabled
+
+    def append(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step` (written after the checkpoint a resumed run starts from)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def write_csv(self) -> Path:
+        """Rewrites metrics.csv from metrics.jsonl (one row per log step)."""
+        records = [r for r in self.read() if "l_unsup" in r]
+        out = self.path.with_name(CSV)
+        keys: list[str] = []
+        for r in records:
+            keys += [k for k in r if k not in keys]
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(records)
+        return out
+
+
+def plot(records: list[dict], path: str | Path) -> Path:
+    """Plots l_unsup, l_sup, l_total and the LR against the step (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if "l_unsup" in r]
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for key in ("l_total", "l_unsup", "l_sup"):
+        ys = [r[key] if r[key] is not None else math.nan for r in records]
+        ax_loss.plot(steps, ys, label=key)
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:red")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,121 @@
+"""Checkpoints: atomic writes, a full disk that keeps the previous one, exact resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from test_train import load_train, run_main
+
+from runner import checkpoint as ckpt
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    import runner.loop
+
+    # 1. Uninterrupted: 3 epochs.
+    full = tmp_path / "full"
+    assert run_main(full, "--epochs", "3") == 0
+
+    # 2. The same run killed right after epoch 1's checkpoint (and mid-way into epoch 2's
+    #    metrics), then resumed with the same command plus --resume.
+    part = tmp_path / "part"
+    original = runner.loop.Trainer.end_epoch
+
+    def end_epoch_then_die(self, epoch):
+        original(self, epoch)
+        if epoch == 1:
+            self.metrics.append({"step": 99, "l_unsup": 0.0})  # written after the checkpoint
+            raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(runner.loop.Trainer, "end_epoch", end_epoch_then_die)
+        with pytest.raises(Interrupted):
+            run_main(part, "--epochs", "3")
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert run_main(part, "--epochs", "3", "--resume") == 0
+
+    # 3. Same weights, optimizer state and logged losses.
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 6)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, s in a["optimizer"]["state"].items():
+        for name, t in s.items():
+            if torch.is_tensor(t):
+                assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = read(full), read(part)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]  # the stray step 99 is gone
+    assert [r["l_unsup"] for r in ra] == [r["l_unsup"] for r in rb]
+
+
+def tiny_state(value: float) -> dict:
+    return {"model": {"w": torch.full((4,), value)}, "epoch": int(value)}
+
+
+def test_checkpoint_write_is_atomic_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save(tiny_state(1.0), path)
+    ckpt.atomic_save(tiny_state(2.0), path)
+    assert torch.load(path)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save(tiny_state(1.0), path)
+
+    def half_written_then_full(obj, f):
+        f.write(b"\x00" * 1024)  # a partial file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write", half_written_then_full)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.atomic_save(tiny_state(2.0), path)
+    msg = str(err.value)
+    assert "disk full" in msg and "previous checkpoint.pt is intact" in msg
+    assert torch.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_disk_full_during_a_run_stops_it_with_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = ckpt._write
+
+    def full_on_second(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, f)
+
+    monkeypatch.setattr(ckpt, "_write", full_on_second)
+    assert run_main(out, "--epochs", "3") == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_resume_loads_rng_states(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    expected = (torch.rand(2), np.random.rand(), random.random())
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(2), expected[0])
+    assert np.random.rand() == expected[1] and random.random() == expected[2]
+
+
+def test_resume_refuses_a_changed_option(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1") == 0
+    assert load_train().main(["--out", str(out), "--resume", "--batch-size", "4"]) == 2
+    assert "--batch-size" in capsys.readouterr().err

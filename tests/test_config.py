@@ -1,0 +1,93 @@
+"""Config: presets load, flags override, the JSON round trip, impossible settings fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY, load_train
+
+from runner import config as rc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["imagenet", "cifar10", "digits"])
+def test_presets_load_and_pass_validation(name):
+    cfg = rc.load_preset(ROOT / "configs" / f"{name}.toml")
+    rc.validate(replace_device(cfg), cuda_available=True)
+    assert cfg.loss.temperature > 0 and cfg.aug.n_large >= 2
+
+
+def replace_device(cfg):
+    return cfg  # presets name cuda; validation is given cuda_available=True
+
+
+def test_imagenet_preset_has_the_paper_settings():
+    cfg = rc.load_preset(ROOT / "configs" / "imagenet.toml")
+    assert cfg.model.arch == "resnet50"
+    assert (cfg.aug.n_large, cfg.aug.large_size, cfg.aug.n_small, cfg.aug.small_size) == (
+        2, 224, 6, 96,
+    )  # fmt: skip
+    assert cfg.optim.base_lr * 4096 / cfg.optim.lr_batch_ref == pytest.approx(4.8)
+    assert cfg.optim.warmup_epochs == 10 and cfg.run.epochs == 500
+    assert cfg.loss.temperature == 0.1
+
+
+def test_flags_override_the_preset():
+    train = load_train()
+    args = train.build_parser().parse_args(
+        ["--config", str(ROOT / "configs" / "digits.toml"), "--batch-size", "7",
+         "--no-channels-last", "--large-scale", "0.3,0.9", "--set", "optim.base_lr=0.5",
+         "--pipeline", "synthetic"]
+    )  # fmt: skip
+    cfg = train.resolve_config(args)
+    assert cfg.data.batch_size == 7 and cfg.model.channels_last is False
+    assert cfg.aug.large_scale == (0.3, 0.9) and cfg.optim.base_lr == 0.5
+    assert cfg.data.backend == "synthetic"
+    assert cfg.model.arch == "resnet18"  # from the preset
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = rc.load_preset(ROOT / "configs" / "imagenet.toml")
+    rc.save_json(cfg, tmp_path / "config.json")
+    assert rc.load_json(tmp_path / "config.json") == cfg
+
+
+def test_unknown_preset_option_is_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data]\nbatch_sise = 3\n")
+    with pytest.raises(rc.ConfigError, match="data.batch_sise"):
+        rc.load_preset(bad)
+
+
+@pytest.mark.parametrize(
+    "flags, option",
+    [
+        (["--classes-per-batch", "20"], "--classes-per-batch"),  # C > classes in the split
+        (["--classes-per-batch", "4", "--images-per-class", "9"], "--images-per-class"),  # C*K
+        (["--pipeline", "tfrecord"], "--pipeline"),
+        (["--device", "tpu"], "--device"),
+        (["--precision", "fp16"], "--precision fp16"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--epochs", "0"], "--epochs"),
+    ],
+)
+def test_impossible_settings_fail_before_work_naming_the_option(tmp_path, capsys, flags, option):
+    out = tmp_path / "run"
+    assert load_train().main([*TINY, "--out", str(out), *flags]) == 2
+    assert option in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_is_refused(tmp_path, capsys):
+    assert load_train().main([*TINY, "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_global_batch_below_world_size_is_refused():
+    cfg = rc.TrainConfig()
+    with pytest.raises(rc.ConfigError, match="--batch-size"):
+        rc.validate(rc.apply(cfg, {"data": {"batch_size": 1}}, "t"), False, world_size=1)

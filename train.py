@@ -1,0 +1,348 @@
+"""SuNCEt pre-training: NT-Xent on unlabeled multi-crop views + SuNCEt on a labeled batch.
+
+    python train.py --data DIR --labels 1pct|10pct|FILE [--out RUN_DIR]
+        [--pipeline ffcv|dali|synthetic] [--device cpu|cuda] [--epochs N]
+        [--config FILE.toml] [--resume] [--force] [--batch-size 64 ...] [--set data.seed=1]
+
+Under torchrun every rank runs this file; rank 0 alone logs, plots and checkpoints. This file
+only wires the rooms together, in stages: config, run folder, labels, model, data, loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runner import checkpoint as ckpt
+from runner import config as rc
+from runner import metrics
+from runner.distributed import DistInfo, barrier, cleanup, env_world, init_distributed, wrap_model
+
+log = logging.getLogger("train")
+
+CONFIG_JSON = "config.json"
+SPLIT_FILE = "labels.txt"
+RUN_FILES = (CONFIG_JSON, SPLIT_FILE, "train.log", metrics.METRICS, metrics.CSV, metrics.PLOT)
+# Options a resumed run may change; every other one is read back from the run folder.
+RESUMABLE = {
+    ("run", "epochs"), ("run", "log_interval"), ("run", "checkpoint_every"),
+    ("run", "max_nonfinite"), ("run", "out"), ("data", "data"), ("data", "num_workers"),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config field has a flag (below, by section), or use "
+        "--set SECTION.FIELD=VALUE. Tuples take commas: --large-scale 0.08,1.0. "
+        "Precedence: defaults < --config preset < flags. --resume reads RUN_DIR/config.json "
+        "back; only --epochs, --log-interval, --checkpoint-every, --max-nonfinite, --data "
+        "and --num-workers may change on resume.",
+    )
+    p.add_argument(
+        "--config", help="preset TOML file (sections data, aug, model, loss, optim, run)"
+    )
+    p.add_argument(
+        "--pipeline",
+        dest="backend",
+        metavar="NAME",
+        help="data pipeline: ffcv | dali | synthetic (same as --backend)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite the run already in --out")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any field (repeatable)",
+    )
+    flags = rc.flag_names()
+    groups = {s: p.add_argument_group(f"[{s}] overrides") for s in rc.SECTIONS}
+    for flag, (section, name) in flags.items():
+        if flag == "--backend":
+            continue  # --pipeline above
+        kind = rc.section_types(rc.section_class(section))[name]
+        default = getattr(getattr(rc.TrainConfig(), section), name)
+        help_ = f"{section}.{name} (default {default})"
+        if kind is bool:
+            groups[section].add_argument(
+                flag,
+                dest=f"{section}.{name}",
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_,
+            )
+        else:
+            arity = len(typing.get_args(kind))
+            metavar = ",".join("XYZ"[:arity]) if arity else kind.__name__.upper()
+            groups[section].add_argument(
+                flag, dest=f"{section}.{name}", default=None, metavar=metavar, help=help_
+            )
+    return p
+
+
+def explicit_updates(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """The fields set on the command line, as strings by section (flags, then --set)."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = str(value)
+    if args.backend is not None:
+        out.setdefault("data", {})["backend"] = args.backend
+    for section, values in rc.parse_set(args.set).items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> rc.TrainConfig:
+    """defaults < preset < flags; with --resume, the run folder's config (+ RESUMABLE flags)."""
+    updates = explicit_updates(args)
+    fresh = rc.TrainConfig()
+    if args.config:
+        fresh = rc.load_preset(args.config, fresh)
+    fresh = rc.apply_strings(fresh, updates, "command line")
+    if not args.resume:
+        return fresh
+
+    saved_path = Path(fresh.run.out) / CONFIG_JSON
+    if not saved_path.is_file():
+        raise rc.ConfigError(
+            f"--resume: {saved_path} not found; no run to resume in {fresh.run.out}"
+        )
+    saved = rc.load_json(saved_path)
+    for section, names in updates.items():
+        for name in names:
+            new, old = (
+                getattr(getattr(fresh, section), name),
+                getattr(getattr(saved, section), name),
+            )
+            if (section, name) in RESUMABLE:
+                saved = replace(saved, **{section: replace(getattr(saved, section), **{name: new})})
+            elif new != old:
+                raise rc.ConfigError(
+                    f"--{name.replace('_', '-')}: {section}.{name} is {old!r} in {saved_path}; "
+                    "a resumed run keeps its config (start a new run with another --out)"
+                )
+    return saved
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def setup_logging(info: DistInfo) -> None:
+    """Rank 0 logs INFO to stdout (and, once the run folder exists, to train.log)."""
+    root = logging.getLogger()
+    close_logging()
+    root.setLevel(logging.INFO if info.is_main else logging.ERROR)
+    add_handler(logging.StreamHandler(sys.stdout), "%(message)s")
+
+
+def add_handler(handler: logging.Handler, fmt: str, datefmt: str | None = None) -> None:
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    handler.suncet = True  # ours: removed by close_logging, unlike a host's handlers
+    logging.getLogger().addHandler(handler)
+
+
+def close_logging() -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "suncet", False)]:
+        root.removeHandler(h)
+        h.close()
+
+
+def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInfo) -> Path:
+    """Refuses to overwrite a run without --resume or --force; --force clears the old run."""
+    run_dir = Path(cfg.run.out)
+    holds_run = (run_dir / CONFIG_JSON).exists() or (run_dir / ckpt.LATEST).exists()
+    if holds_run and not (args.resume or args.force):
+        raise rc.ConfigError(
+            f"--out {run_dir}: already holds a run; pass --resume to continue it or --force "
+            "to overwrite it"
+        )
+    if info.is_main:
+        if args.force and not args.resume:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            for old in run_dir.glob("checkpoint*.pt"):
+                old.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        add_handler(logging.FileHandler(run_dir / "train.log"), "%(asctime)s %(message)s", "%X")
+    barrier()
+    return run_dir
+
+
+@dataclass
+class Labels:
+    """The labeled split chosen for this run and what the synthetic pipeline needs."""
+
+    indices: np.ndarray  # sorted labeled sample indices, [L]
+    labels_of: np.ndarray  # class id of every train sample, [N]
+    manifest: object | None
+
+
+def choose_labels(cfg: rc.TrainConfig, run_dir: Path, resume: bool) -> Labels:
+    """Resolves `--labels` against the manifest (the run folder's own list on --resume)."""
+    d = cfg.data
+    has_manifest = (Path(d.data) / "manifest.json").is_file()
+    if d.backend == "synthetic" and not has_manifest:
+        # No dataset: 2 steps per epoch of images in C classes, 4 labeled images per class.
+        n_train = 2 * d.batch_size * env_world()[1]
+        n_labeled = min(d.classes_per_batch * max(d.images_per_class, 4), n_train)
+        labels_of = np.arange(n_train) % d.classes_per_batch
+        return Labels(np.arange(n_labeled), labels_of, None)
+
+    from convert.manifest import load_manifest
+    from convert.splits import resolve_split
+
+    manifest = load_manifest(d.data)
+    spec = str(run_dir / SPLIT_FILE) if resume and (run_dir / SPLIT_FILE).is_file() else d.labels
+    split_file = d.split_file or None
+    indices = resolve_split(
+        manifest, spec, seed=cfg.run.seed, data_dir=d.data, split_file=split_file
+    )
+    labels_of = np.asarray(manifest.splits["train"].labels, dtype=np.int64)
+    return Labels(np.asarray(indices, dtype=np.int64), labels_of, manifest)
+
+
+def save_labels(labels: Labels, run_dir: Path) -> None:
+    path = run_dir / SPLIT_FILE
+    if labels.manifest is None:
+        np.savetxt(path, labels.indices, fmt="%d")
+        return
+    from convert.splits import write_split
+
+    write_split(path, labels.manifest, labels.indices)
+
+
+def build_training(cfg: rc.TrainConfig, info: DistInfo):
+    """The model (on its device, wrapped), its optimizer, and the FLOPs of one step."""
+    from model.encoder import build_model
+    from model.flops import train_flops_per_step
+    from model.optim import build_optimizer
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    bare = build_model(cfg.model)
+    d, a = cfg.data, cfg.aug
+    views = [(d.batch_size, 3, a.large_size, a.large_size)] * a.n_large
+    views += [(d.batch_size, 3, a.small_size, a.small_size)] * a.n_small
+    n = d.classes_per_batch * d.images_per_class
+    labeled = [(n, 3, a.large_size, a.large_size)] * d.n_supervised_views
+    flops = {
+        True: train_flops_per_step(bare, views, labeled),
+        False: train_flops_per_step(bare, views, None),
+    }
+    model = wrap_model(bare, info, cfg.model.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, d.batch_size * info.world_size)
+    return model, optimizer, flops
+
+
+def build_data(cfg: rc.TrainConfig, info: DistInfo, labels: Labels):
+    from pipelines.build import build_pipeline
+
+    d = cfg.data
+    on_cuda = info.device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
+    kwargs = dict(
+        device=info.device,
+        dtype=dtype if on_cuda else torch.float32,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.run.seed,
+    )
+    if d.backend == "synthetic":
+        steps = len(labels.labels_of) // (d.batch_size * info.world_size)
+        kwargs.update(labels_of=labels.labels_of, steps_per_epoch=max(steps, 1))
+    return build_pipeline(d.backend, d.data, d, cfg.aug, labels.indices, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def setup(args: argparse.Namespace):
+    """Stages 1-5: everything before the first step. Impossible settings fail here."""
+    from model.optim import lr_schedule
+    from runner.loop import Trainer
+
+    # 1. Config: preset < flags (or the run folder's, on --resume); reject impossible settings.
+    cfg = resolve_config(args)
+    _, world, _ = env_world()
+    rc.validate(cfg, torch.cuda.is_available(), world)
+
+    # 2. Processes and the run folder.
+    info = init_distributed(cfg.run.device)
+    setup_logging(info)
+    run_dir = prepare_run_dir(cfg, args, info)
+
+    # 3. The labeled split: checked against C x K before any work, kept in the run folder.
+    labels = choose_labels(cfg, run_dir, args.resume)
+    n_classes = len(np.unique(labels.labels_of[labels.indices]))
+    rc.check_split(cfg, len(labels.indices), n_classes, world)
+    if info.is_main:
+        rc.save_json(cfg, run_dir / CONFIG_JSON)
+        save_labels(labels, run_dir)
+
+    # 4. Model, optimizer, data, and the per-step LR schedule (LR scales with the global batch).
+    model, optimizer, flops = build_training(cfg, info)
+    pipeline = build_data(cfg, info, labels)
+    global_batch = cfg.data.batch_size * world
+    schedule = lr_schedule(cfg.optim, len(pipeline), cfg.run.epochs, global_batch)
+    trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops)
+    log.info(
+        "run %s | %s pipeline, %d steps/epoch | %d labeled images, %d classes | global batch "
+        "%d | %d rank(s) on %s", run_dir, cfg.data.backend, len(pipeline), len(labels.indices),
+        n_classes, global_batch, world, info.device,
+    )  # fmt: skip
+
+    # 5. Resume at the last epoch boundary: every rank loads the same checkpoint.
+    start_epoch = 0
+    if args.resume and (run_dir / ckpt.LATEST).is_file():
+        start_epoch = trainer.resume_from(ckpt.load_checkpoint(run_dir / ckpt.LATEST))
+        log.info("resumed from %s at epoch %d, step %d", run_dir / ckpt.LATEST, start_epoch,
+                 trainer.step)  # fmt: skip
+    return trainer, pipeline, start_epoch
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the program; returns the exit status (0 done, 1 stopped, 2 bad settings)."""
+    from runner.loop import NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            trainer, pipeline, start_epoch = setup(args)
+        except ValueError as e:  # ConfigError, ManifestError, PipelineError, split errors
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+        # 6. Train; the run folder is printed however the run ends.
+        status = 0
+        try:
+            trainer.fit(pipeline, start_epoch)
+        except (ckpt.CheckpointError, NonFiniteLossError) as e:
+            log.error("error: %s", e)
+            status = 1
+        finally:
+            pipeline.close()
+        if trainer.info.is_main:
+            print(f"run folder: {trainer.run_dir.resolve()}", flush=True)
+        return status
+    finally:
+        close_logging()
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
