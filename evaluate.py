@@ -1,0 +1,171 @@
+"""Evaluates a pre-trained checkpoint with soft nearest neighbours (SNN) and weighted kNN.
+
+    python evaluate.py --checkpoint RUN/checkpoint.pt [--data DIR] [--labels 1pct|10pct|FILE]
+        [--device cpu|cuda] [--method snn|knn|all] [--embedding backbone|head|all] [--out JSON]
+
+The labeled split (default: the run folder's labels.txt) is embedded from centre crops and
+is the bank; every validation image is classified against it. Top-1 and top-5 accuracy are
+printed and written as JSON (default RUN/eval-<checkpoint name>.json). The default
+embedding is the backbone's pooled features, the representation SuNCEt and PAWS evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("evaluate")
+
+SPLIT_FILE = "labels.txt"  # the run folder's label split, written by train.py
+
+
+def load_run(checkpoint: str | Path, device: str = "cpu"):
+    """Reads a checkpoint written by train.py: (resolved TrainConfig, model with its weights,
+    the checkpoint's state dict without the model)."""
+    from model.encoder import build_model
+    from runner import config as rc
+    from runner.checkpoint import CheckpointError, load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    if "config" not in state or "model" not in state:
+        raise rc.ConfigError(f"{checkpoint}: not a train.py checkpoint (no model or config)")
+    cfg = rc.from_dict(state["config"], str(checkpoint))
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state.pop("model"))
+    except RuntimeError as e:  # missing or misshapen weights: the config and weights disagree
+        raise CheckpointError(f"{checkpoint}: weights do not fit its config ({e})") from e
+    return cfg, model.to(device), state
+
+
+def labeled_indices(cfg, checkpoint: str | Path, data_dir: str, spec: str | None) -> np.ndarray:
+    """The labeled split: `spec` if given, else the run folder's saved split."""
+    from convert.manifest import load_manifest
+    from convert.splits import resolve_split
+
+    manifest = load_manifest(data_dir)
+    if spec is None:
+        saved = Path(checkpoint).parent / SPLIT_FILE
+        if not saved.is_file():
+            raise ValueError(f"{saved}: no saved label split beside the checkpoint; pass --labels")
+        spec = str(saved)
+    split_file = cfg.data.split_file or None
+    seed = cfg.run.seed
+    return resolve_split(manifest, spec, seed=seed, data_dir=data_dir, split_file=split_file)
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The options evaluate.py and finetune.py share."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt written by train.py")
+    p.add_argument("--data", help="dataset folder (default: the run's data.data)")
+    p.add_argument(
+        "--labels", help="1pct | 10pct | <p>pct | FILE (default: the run folder's labels.txt)"
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="FFCV decoding threads")
+    p.add_argument("--out", help="JSON file for the results")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="all", choices=("snn", "knn", "all"))
+    p.add_argument(
+        "--embedding",
+        default="backbone",
+        choices=("backbone", "head", "all"),
+        help="backbone features (default) or projection-head output",
+    )
+    p.add_argument("--snn-temperature", type=float, default=0.1)
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--knn-temperature", type=float, default=0.07)
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Embeds the labeled split and the val split, classifies val; returns the results."""
+    from convert.manifest import load_manifest
+    from pipelines.eval_loader import CenterCropLoader
+    from runner.monitor import EMBEDDINGS, METHODS, NeighbourConfig, embed, neighbour_accuracy
+
+    # 1. The run: config, weights, labeled split.
+    cfg, model, state = load_run(args.checkpoint, args.device)
+    data_dir = args.data or cfg.data.data
+    labeled = labeled_indices(cfg, args.checkpoint, data_dir, args.labels)
+
+    # 2. Centre crops of the labeled training images (the bank) and of every val image.
+    kw = dict(device=args.device, batch_size=args.batch_size, num_workers=args.num_workers)
+    bank = embed(model, CenterCropLoader(data_dir, "train", labeled, cfg.aug, **kw))
+    val = embed(model, CenterCropLoader(data_dir, "val", None, cfg.aug, **kw))
+
+    # 3. SNN / kNN on each embedding.
+    methods = METHODS if args.method == "all" else (args.method,)
+    embeddings = EMBEDDINGS if args.embedding == "all" else (args.embedding,)
+    nb = NeighbourConfig(args.snn_temperature, args.knn_k, args.knn_temperature)
+    num_classes = load_manifest(data_dir).num_classes
+    results = {
+        name: neighbour_accuracy(
+            val.get(name), val.labels, bank.get(name), bank.labels, num_classes, methods, nb
+        )
+        for name in embeddings
+    }
+    return {
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "epoch": state.get("epoch"),
+        "step": state.get("step"),
+        "data": str(data_dir),
+        "labels": args.labels or SPLIT_FILE,
+        "n_labeled": len(labeled),
+        "n_val": len(val.labels),
+        "eval_size": cfg.aug.eval_size,
+        "eval_resize": cfg.aug.eval_resize,
+        "neighbours": vars(nb),
+        "results": results,
+    }
+
+
+def write_json(record: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the evaluation; returns the exit status (0 done, 2 bad settings or input)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
+    from runner.checkpoint import CheckpointError
+
+    try:
+        record = evaluate(args)
+    except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}.json"
+    print(f"{record['n_labeled']} labeled, {record['n_val']} val images")
+    for name, accs in record["results"].items():
+        line = "  ".join(f"{k} {v:.2f}" for k, v in accs.items())
+        print(f"{name:8s} | {line}")
+    print(f"results: {write_json(record, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

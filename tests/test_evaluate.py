@@ -1,0 +1,181 @@
+"""Evaluation end to end on the real CIFAR subset: the centre-crop loader, evaluate.py and
+finetune.py on a tiny saved checkpoint, and the online monitor.
+
+A tiny ResNet-18 (small stem) on 8-px views keeps the forward passes cheap on a CPU; FFCV
+compiles each centre-crop loader once per loader (a few seconds), so tests share them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # evaluate.py and finetune.py sit at the root
+    sys.path.insert(0, str(ROOT))
+
+SIDE = 8  # evaluation and crop side of the tiny model
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def load_script(name: str):
+    """A root-level script (evaluate.py, finetune.py) as a module."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def tiny_config(data_dir: Path):
+    from model.config import ModelConfig
+    from runner import config as rc
+
+    cfg = rc.TrainConfig()
+    aug = replace(
+        cfg.aug, large_size=SIDE, eval_size=SIDE, eval_resize=SIDE, mean=CIFAR_MEAN, std=CIFAR_STD
+    )
+    model = ModelConfig(arch="resnet18", small_stem=True, hidden_dim=64, out_dim=32)
+    data = replace(cfg.data, data=str(data_dir), labels="10pct")
+    return replace(cfg, aug=aug, model=model, data=data)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a small, shared CPU two threads can run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cifar_dataset) -> Path:
+    """A run folder as train.py leaves it: checkpoint.pt (random weights) and labels.txt."""
+    from convert.manifest import load_manifest
+    from convert.splits import resolve_split, write_split
+    from model.encoder import build_model
+    from runner import config as rc
+    from runner.checkpoint import save_checkpoint
+
+    run = tmp_path_factory.mktemp("evalrun")
+    cfg = tiny_config(cifar_dataset)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(run, model=model, optimizer=opt, scaler=None, epoch=1, step=3,
+                    config=rc.to_dict(cfg))  # fmt: skip
+    manifest = load_manifest(cifar_dataset)
+    write_split(run / "labels.txt", manifest, resolve_split(manifest, "10pct", seed=0))
+    return run
+
+
+def test_center_crop_loader_yields_requested_samples_in_order_with_true_labels(cifar_dataset):
+    from PIL import Image
+
+    from convert.manifest import load_manifest
+    from pipelines.config import AugConfig
+    from pipelines.eval_loader import CenterCropLoader
+
+    manifest = load_manifest(cifar_dataset)
+    aug = AugConfig(eval_size=24, eval_resize=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    order = np.array([599, 3, 250, 17, 42, 0, 311])  # any order, a tail batch of 3
+    loader = CenterCropLoader(cifar_dataset, "train", order, aug, batch_size=4)
+    batches = list(loader)
+
+    assert [b.images.shape[0] for b in batches] == [4, 3] and len(loader) == 2
+    images = torch.cat([b.images for b in batches])  # [7, 3, 24, 24]
+    assert images.shape == (7, 3, 24, 24) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.cat([b.indices for b in batches]).tolist() == order.tolist()
+    true = [manifest.splits["train"].labels[i] for i in order]
+    assert torch.cat([b.labels for b in batches]).tolist() == true
+
+    # The centre 24 px of the stored 32-px image (CIFAR images are 32 x 32: no resize).
+    files = manifest.splits["train"].files
+    pixels = (
+        images * torch.tensor(CIFAR_STD)[:, None, None] + torch.tensor(CIFAR_MEAN)[:, None, None]
+    )
+    for k in (0, 6):
+        src = Image.open(Path(manifest.source) / "train" / files[order[k]]).convert("RGB")
+        ref = torch.from_numpy(np.array(src)[4:28, 4:28]).permute(2, 0, 1).float() / 255
+        # JPEG decoders differ slightly (libjpeg-turbo vs PIL's): compare loosely.
+        assert (pixels[k] - ref).abs().mean() < 0.03
+
+
+def test_evaluate_command_writes_snn_and_knn_top1_top5(tiny_run, cifar_dataset, capsys):
+    evaluate = load_script("evaluate")
+    out = tiny_run / "eval.json"
+    args = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--embedding", "all"]
+    assert evaluate.main([*args, "--out", str(out), "--batch-size", "64"]) == 0
+
+    record = json.loads(out.read_text())
+    assert record["n_labeled"] == 60 and record["n_val"] == 100  # 10% of 10 x 60; 10 x 10
+    assert record["epoch"] == 1 and record["data"] == str(cifar_dataset)
+    for name in ("backbone", "head"):
+        accs = record["results"][name]
+        assert set(accs) == {"snn_top1", "snn_top5", "knn_top1", "knn_top5"}
+        assert all(0 <= v <= 100 for v in accs.values())
+        assert accs["snn_top5"] >= accs["snn_top1"]
+    assert "snn_top1" in capsys.readouterr().out
+
+
+def test_evaluate_gives_full_accuracy_when_the_bank_holds_the_queries(tiny_run, cifar_dataset):
+    """Labeled set = every val image's twin: with the val split as its own bank, each query's
+    nearest neighbour is itself, so kNN top-1 (k=1) is 100% through the whole command path."""
+    from evaluate import load_run
+    from pipelines.eval_loader import CenterCropLoader
+    from runner.monitor import NeighbourConfig, embed, neighbour_accuracy
+
+    cfg, model, _ = load_run(tiny_run / "checkpoint.pt")
+    val = embed(model, CenterCropLoader(cifar_dataset, "val", None, cfg.aug, batch_size=64))
+    nb = NeighbourConfig(snn_temperature=0.001, knn_k=1)
+    acc = neighbour_accuracy(val.backbone, val.labels, val.backbone, val.labels, 10, cfg=nb)
+    assert acc["knn_top1"] == 100.0 and acc["snn_top1"] == 100.0
+
+
+def test_evaluate_reports_a_missing_split_file(tiny_run, tmp_path, capsys):
+    evaluate = load_script("evaluate")
+    lonely = tmp_path / "checkpoint.pt"
+    lonely.write_bytes((tiny_run / "checkpoint.pt").read_bytes())
+    assert evaluate.main(["--checkpoint", str(lonely)]) == 2
+    assert "labels.txt" in capsys.readouterr().err
+
+
+def test_finetune_learns_the_labeled_images_above_chance(tiny_run):
+    finetune = load_script("finetune")
+    out = tiny_run / "finetune.json"
+    args = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--out", str(out)]
+    assert finetune.main([*args, "--epochs", "8", "--batch-size", "20", "--lr", "0.02"]) == 0
+
+    record = json.loads(out.read_text())
+    assert record["n_labeled"] == 60 and record["n_val"] == 100
+    assert len(record["history"]) == 8
+    assert record["history"][-1]["loss"] < record["history"][0]["loss"]
+    assert record["labeled"]["top1"] > 30.0  # chance is 10%
+    assert 0 <= record["val"]["top1"] <= record["val"]["top5"] <= 100
+
+
+def test_monitor_returns_snn_and_knn_metrics(tiny_run, cifar_dataset):
+    from evaluate import load_run
+    from runner.monitor import OnlineMonitor
+
+    cfg, model, _ = load_run(tiny_run / "checkpoint.pt")
+    labeled = np.arange(0, 600, 10)
+    monitor = OnlineMonitor(str(cifar_dataset), None, labeled, cfg.aug, "cpu", val_subset=50)
+    model.train()
+    for _ in range(2):  # loaders are reused across calls
+        metrics = monitor.evaluate(model)
+        assert {"snn_top1", "snn_top5", "knn_top1"} <= set(metrics)
+        assert all(0 <= metrics[k] <= 100 for k in ("snn_top1", "snn_top5", "knn_top1"))
+    assert model.training  # put back in the mode it was in
+    assert monitor.val_loader.num_samples == 50
+    assert np.bincount(monitor.val_loader.labels.numpy()).tolist() == [5] * 10
