@@ -47,12 +47,18 @@ class ViewAug:
     blur_kernel: int = 0  # odd kernel side; 0: about 10% of the image side
 
 
+def stable_key(*parts: int) -> int:
+    """A 64-bit key from ints, e.g. (seed, epoch, rank, stream): FNV-1a over their 64-bit
+    words, so the same on every process and run (Python's `hash` is not, for strings)."""
+    h = 0xCBF29CE484222325
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 def seed_generator(device: torch.device | str, *key: int) -> torch.Generator:
     """A generator on `device` seeded by a tuple of ints, e.g. (seed, epoch, rank)."""
-    h = 0xCBF29CE484222325
-    for k in key:  # FNV-1a over the key's 64-bit words: stable across processes
-        h = ((h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return torch.Generator(device=device).manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+    return torch.Generator(device=device).manual_seed(stable_key(*key) & 0x7FFFFFFFFFFFFFFF)
 
 
 def blur_kernel_size(side: int) -> int:
@@ -95,7 +101,19 @@ def augment_views(
         k = aug.blur_kernel or blur_kernel_size(min(x.shape[1], x.shape[2]))
         x = random_blur(x, aug.blur_p, aug.blur_sigma, k, generator)
 
-    # Normalize, then view HWC storage as NCHW: channels-last strides for free.
+    return normalize(x, mean, std, dtype)  # [N, 3, H, W]
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``[N, H, W, 3]`` in [0, 1] -> normalized ``[N, 3, H, W]``, channels-last, in `dtype`.
+
+    The HWC storage viewed as NCHW has channels-last strides, so the layout costs no copy.
+    """
     scale = _const(tuple(1 / v for v in std), x.device)  # [3]
     shift = _const(tuple(-m / v for m, v in zip(mean, std, strict=True)), x.device)  # [3]
     x = torch.addcmul(shift, x, scale).to(dtype)  # [N, H, W, 3]

@@ -5,8 +5,8 @@ Two DALI pipelines read the same ``DATA/shards/train-*.tar``, both through
 (``train-offsets.npy``: shard, byte offset, byte size) with ``os.pread``:
 
 - unlabeled: every training image once per epoch in a fresh global order (each rank a
-  disjoint part, the same order as the FFCV backend), ``n_large`` large and ``n_small`` small
-  crops per image;
+  disjoint part; `pipelines.common.epoch_order`, as the FFCV backend), ``n_large`` large
+  and ``n_small`` small crops per image;
 - labeled: the `StratifiedSampler`'s batches (C classes x K images, in the sampler's order),
   ``n_supervised_views`` large crops per image, as many batches as unlabeled steps.
 
@@ -27,36 +27,22 @@ an exact global permutation, disjoint ranks and exact epoch lengths.
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from convert.manifest import Manifest, ManifestError, load_manifest
+from convert.manifest import Manifest
+from pipelines.augment import stable_key
 from pipelines.batch import Batch
-from pipelines.config import AugConfig, DataConfig
+from pipelines.common import LABELED, UNLABELED, TrainingPipeline, ViewGroup
+from pipelines.config import AugConfig
 from pipelines.errors import PipelineError
-from pipelines.sampler import StratifiedSampler
 
-log = logging.getLogger(__name__)
-
-# Stream tags mixed into the seeds (the same tags as the FFCV backend's orders).
-UNLABELED, LABELED = 1, 2
 JPEG_MAGIC = b"\xff\xd8"
 RECONVERT = "re-run `python convert/imagenet_to_dali.py --src TREE --out {data}`"
-
-
-def _key(*parts: int) -> int:
-    """A 64-bit key from ints (FNV-1a), stable across processes."""
-    h = 0xCBF29CE484222325
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
 
 
 # ---- the dataset on disk ----
@@ -184,15 +170,15 @@ class _BatchSource:
 # ---- the DALI graph ----
 
 
-def _views(img, aug: AugConfig, groups: list[tuple[int, int, tuple, float]], out_dtype):
+def _views(img, groups: list[ViewGroup], mean, std, out_dtype):
     """Cuts every view from one decoded batch; returns the views in group order."""
     out = []
-    for n, size, scale, blur_p in groups:
-        out.extend(_view(img, aug, size, scale, blur_p, out_dtype) for _ in range(n))
+    for group in groups:
+        out.extend(_view(img, group, mean, std, out_dtype) for _ in range(group.n))
     return out
 
 
-def _view(img, aug: AugConfig, size: int, scale: tuple, blur_p: float, out_dtype):
+def _view(img, group: ViewGroup, mean, std, out_dtype):
     """One SimCLR view: crop, jitter (p), grayscale (p), blur (p), flip, normalize (HWC)."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
@@ -203,8 +189,12 @@ def _view(img, aug: AugConfig, size: int, scale: tuple, blur_p: float, out_dtype
     def uniform(lo: float, hi: float):
         return fn.random.uniform(range=[lo, hi])
 
+    aug = group.aug
     x = fn.random_resized_crop(
-        img, size=(size, size), random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3]
+        img,
+        size=(group.size, group.size),
+        random_area=list(group.scale),
+        random_aspect_ratio=[3 / 4, 4 / 3],
     )
 
     # Colour jitter: brightness, contrast, saturation 0.8s, hue 0.2s (of a full turn: degrees).
@@ -221,17 +211,17 @@ def _view(img, aug: AugConfig, size: int, scale: tuple, blur_p: float, out_dtype
         x = fn.color_twist(x, saturation=0.0)
 
     # Blur: window 2*ceil(3 sigma)+1 (twice as fast as a fixed 23-px window on CPU).
-    if blur_p > 0:
-        if coin(blur_p):
+    if aug.blur_p > 0:
+        if coin(aug.blur_p):
             sigma = uniform(*aug.blur_sigma)
             window = fn.cast(2 * dmath.ceil(3 * sigma) + 1, dtype=types.INT32)
             x = fn.gaussian_blur(x, window_size=window, sigma=sigma)
 
     return fn.crop_mirror_normalize(
         x,
-        mirror=fn.random.coin_flip(probability=0.5, dtype=types.INT32),
-        mean=[255 * m for m in aug.mean],
-        std=[255 * v for v in aug.std],
+        mirror=fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32),
+        mean=[255 * m for m in mean],
+        std=[255 * v for v in std],
         output_layout="HWC",
         dtype=out_dtype,
     )
@@ -248,7 +238,7 @@ def _build(source, n_outputs: int, groups, aug: AugConfig, batch_size: int, seed
         )
         jpegs, rest = outs[0], outs[1:]
         img = fn.decoders.image(jpegs, device=cfg["decode"], output_type=types.RGB)
-        return (*_views(img, aug, groups, cfg["dtype"]), *rest)
+        return (*_views(img, groups, aug.mean, aug.std, cfg["dtype"]), *rest)
 
     pipe = graph(
         batch_size=batch_size,
@@ -264,101 +254,27 @@ def _build(source, n_outputs: int, groups, aug: AugConfig, batch_size: int, seed
 # ---- the public pipeline ----
 
 
-class DALIPipeline:
+class DALIPipeline(TrainingPipeline):
     """Unlabeled multi-crop batches and stratified labeled batches from the DALI shards.
 
-    Args:
-        data_dir: dataset folder written by convert/ (manifest.json, shards/).
-        data: batch sizes, C, K, supervised views, threads (num_workers).
-        aug: crops and augmentation.
-        labeled: sorted labeled sample indices of the train split; empty: no labeled stream
-            (``labeled_views == []`` and empty labels).
-        device: where batches arrive; CUDA runs DALI on that GPU, CPU runs DALI CPU-only.
-        dtype: floating type of the views.
-        rank: global rank of this process.
-        world_size: number of ranks.
-        seed: base seed of the run.
+    Args: as `pipelines.common.TrainingPipeline`; a CUDA ``device`` runs DALI on that GPU
+    (``mixed`` decoding), a CPU one runs DALI CPU-only; ``data.num_workers`` is DALI's
+    thread count.
     """
 
-    def __init__(
-        self,
-        data_dir: str,
-        data: DataConfig,
-        aug: AugConfig,
-        labeled: np.ndarray,
-        *,
-        device: torch.device | str,
-        dtype: torch.dtype = torch.float32,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-    ) -> None:
-        t0 = time.perf_counter()
-        self.data, self.aug = data, aug
-        self.device, self.dtype = torch.device(device), dtype
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch = 0
-        self._live: list = []
+    backend = "dali"
 
-        # 1. The manifest and the shards must describe the same samples.
-        try:
-            manifest = load_manifest(data_dir)
-        except ManifestError as e:
-            raise PipelineError(str(e)) from None
-        split = manifest.splits["train"]
-        self.num_samples = split.num_samples
-        self.labels_of = np.asarray(split.labels, dtype=np.int64)  # [N]
+    def _open(self, data_dir: Path, manifest: Manifest) -> None:
+        self._live: list = []
         self.shards = ShardSet(data_dir, manifest)
 
-        # 2. Steps per epoch: this rank's share of the unlabeled images, in whole batches.
-        self.per_rank = math.ceil(self.num_samples / world_size)
-        whole = self.per_rank // data.batch_size
-        self.steps = whole if data.drop_last else math.ceil(self.per_rank / data.batch_size)
-        if self.steps == 0:
-            self.close()
-            raise PipelineError(
-                f"batch_size={data.batch_size} exceeds the {self.per_rank} images of rank "
-                f"{rank}; lower --batch-size"
-            )
-
-        # 3. The view groups: (views, side, scale, blur probability) in output order.
-        self.unlabeled_groups = [
-            (aug.n_large, aug.large_size, aug.large_scale, aug.blur_p_large),
-            (aug.n_small, aug.small_size, aug.small_scale, aug.blur_p_small),
-        ]
-        self.n_sup = max(1, data.n_supervised_views)
-        self.labeled_groups = [(self.n_sup, aug.large_size, aug.large_scale, aug.blur_p_large)]
-        self.n_unlabeled_views = aug.n_large + aug.n_small
-        if self.n_unlabeled_views == 0:
-            self.close()
-            raise PipelineError("n_large + n_small is 0: the unlabeled stream needs a view")
+    def _build(self) -> None:
+        self.n_unlabeled_views = sum(g.n for g in self.unlabeled_groups)
+        self.n_sup = sum(g.n for g in self.labeled_groups)
         self._cfg = self._dali_config()
 
-        # 4. The labeled stream follows the sampler.
-        self.labeled = np.asarray(labeled, dtype=np.int64)  # [L]
-        self.sampler = None
-        if len(self.labeled):
-            if self.labeled.min() < 0 or self.labeled.max() >= self.num_samples:
-                self.close()
-                raise PipelineError(
-                    f"labeled indices must lie in 0..{self.num_samples - 1} (the train split)"
-                )
-            self.sampler = StratifiedSampler(
-                self.labeled,
-                self.labels_of[self.labeled],
-                data.classes_per_batch,
-                data.images_per_class,
-                rank=rank,
-                world_size=world_size,
-                per_rank_classes=data.per_rank_classes,
-                seed=seed,
-            )
-        log.info(
-            "dali pipeline ready in %.1f s: %d steps/epoch (%s)",
-            time.perf_counter() - t0,
-            len(self),
-            "gpu" if self._cfg["device_id"] is not None else "cpu-only",
-        )
+    def _ready_note(self) -> str:
+        return " (gpu)" if self._cfg["device_id"] is not None else " (cpu-only)"
 
     def _dali_config(self) -> dict:
         from nvidia.dali import types
@@ -373,28 +289,7 @@ class DALIPipeline:
         threads = max(1, self.data.num_workers)
         return {"device_id": device_id, "decode": decode, "dtype": out, "threads": threads}
 
-    # ---- orders: pure functions of (seed, epoch, rank) ----
-
-    def unlabeled_order(self, epoch: int) -> np.ndarray:
-        """This rank's images of an epoch: a permutation padded to a multiple of the world
-        size (as torch's DistributedSampler), every world_size-th entry from the rank."""
-        rng = np.random.default_rng([self.seed, epoch, UNLABELED])
-        order = rng.permutation(self.num_samples)  # [N]
-        pad = self.per_rank * self.world_size - self.num_samples
-        order = np.concatenate([order, order[:pad]])  # [per_rank * world]
-        return order[self.rank :: self.world_size]  # [per_rank]
-
-    def labeled_batches(self, epoch: int) -> np.ndarray:
-        """The labeled sample indices of an epoch for this rank, ``[steps, C*K]``."""
-        return self.sampler.epoch_batches(epoch, self.steps)[0]
-
     # ---- public interface ----
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, b = self.epoch, self.data.batch_size
@@ -438,9 +333,9 @@ class DALIPipeline:
         """A DALIGenericIterator over one epoch of `source` (a fresh pipeline per epoch)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        n_views = sum(g[0] for g in groups)
+        n_views = sum(g.n for g in groups)
         passthrough = ["index"] + (["label"] if source.labels_of is not None else [])
-        seed = _key(self.seed, epoch, self.rank, stream) % (2**31)
+        seed = stable_key(self.seed, epoch, self.rank, stream) % (2**31)
         pipe = _build(source, 1 + len(passthrough), groups, self.aug, batch_size, seed, self._cfg)
         names = [f"v{j}" for j in range(n_views)] + passthrough
         it = DALIGenericIterator(
@@ -456,4 +351,5 @@ class DALIPipeline:
 
     def _release(self) -> None:
         """Drops the epoch's DALI pipelines (their threads and buffers)."""
-        self._live.clear()
+        if hasattr(self, "_live"):
+            self._live.clear()

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from convert.manifest import load_manifest
-from pipelines.augment import _const, random_flip, seed_generator
+from pipelines.augment import normalize, random_flip, seed_generator, stable_key
+from pipelines.common import FINETUNE, epoch_order
 from pipelines.config import AugConfig
 from pipelines.errors import PipelineError
 from pipelines.ffcv_ops import (
@@ -30,11 +31,11 @@ from pipelines.ffcv_ops import (
     MultiCropDecoder,
     cached_os_reader,
     leave_torch_threads_alone,
+    unpack_rows,
 )
-from pipelines.ffcv_pipeline import _key, check_beton
+from pipelines.ffcv_pipeline import check_beton
 
 SPLITS = ("train", "val")
-FINETUNE = 3  # stream tag of the fine-tuning crops (training streams use 1 and 2)
 
 
 class EvalBatch(NamedTuple):
@@ -51,16 +52,19 @@ class EvalBatch(NamedTuple):
     indices: torch.Tensor
 
 
-def normalize(x: torch.Tensor, aug: AugConfig, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, S, S, 3]`` in [0, 1] -> normalized ``[B, 3, S, S]``, channels-last, in `dtype`."""
-    scale = _const(tuple(1 / v for v in aug.std), x.device)  # [3]
-    shift = _const(tuple(-m / v for m, v in zip(aug.mean, aug.std, strict=True)), x.device)  # [3]
-    x = torch.addcmul(shift, x, scale).to(dtype)  # [B, S, S, 3]
-    return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # [B, 3, S, S]
-
-
 class _SplitLoader:
-    """What both loaders share: the split's file and labels, the sample list, the device."""
+    """What both loaders share: the split's file and labels, the sample list, the device, and
+    one FFCV loader (`_image_pipeline` and `_order` say what it decodes and in which order).
+
+    Args:
+        data_dir: dataset folder written by convert/ (manifest.json, <split>.beton).
+        split: ``train`` or ``val``.
+        indices: sample indices of the split; None: all.
+        aug: ``eval_size``, ``eval_resize``, ``mean``, ``std`` (and the fine-tuning crops).
+        device, dtype: where and in which floating type batches arrive.
+        batch_size: images per batch (the last batch may be smaller).
+        num_workers: FFCV's decoding threads.
+    """
 
     def __init__(
         self,
@@ -68,10 +72,11 @@ class _SplitLoader:
         split: str,
         indices: np.ndarray | None,
         aug: AugConfig,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        batch_size: int,
-        num_workers: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 256,
+        num_workers: int = 2,
     ) -> None:
         if split not in SPLITS:
             raise PipelineError(f"split {split!r}: expected one of {SPLITS}")
@@ -94,6 +99,7 @@ class _SplitLoader:
         if self.indices.min() < 0 or self.indices.max() >= n:
             raise PipelineError(f"{split}: sample indices must lie in 0..{n - 1}")
         leave_torch_threads_alone()
+        self.loader = self._loader()
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
@@ -107,11 +113,20 @@ class _SplitLoader:
         """True labels of the samples, in loader order when the order is fixed, ``[L]``."""
         return self.labels_of[torch.from_numpy(self.indices)]
 
-    def _loader(self, image_pipeline: list, order, index_field: bool):
+    def _image_pipeline(self) -> tuple[list, bool]:
+        """The image field's FFCV pipeline, and whether the index field needs decoding."""
+        raise NotImplementedError
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The samples of an epoch, in loader order, ``[L]``."""
+        return self.indices
+
+    def _loader(self):
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.transforms import ToTensor
 
+        image, index_field = self._image_pipeline()
         index = [IntDecoder(), ToTensor()] if index_field else None
         with cached_os_reader():
             return Loader(
@@ -119,8 +134,8 @@ class _SplitLoader:
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 os_cache=True,
-                order=FixedOrder(order),
-                pipelines={"image": image_pipeline, "label": None, "index": index},
+                order=FixedOrder(self._order),
+                pipelines={"image": image, "label": None, "index": index},
                 drop_last=False,
             )
 
@@ -133,38 +148,21 @@ class _SplitLoader:
 class CenterCropLoader(_SplitLoader):
     """Centre crops of `indices` of `split` (all its samples when None), in that order.
 
-    Args:
-        data_dir: dataset folder written by convert/ (manifest.json, <split>.beton).
-        split: ``train`` or ``val``.
-        indices: sample indices of the split, in the order wanted; None: all.
-        aug: ``eval_size``, ``eval_resize``, ``mean``, ``std``.
-        device, dtype: where and in which floating type batches arrive.
+    Args: as `_SplitLoader` (``batch_size`` default 256); ``indices`` in the order wanted.
     """
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        split: str,
-        indices: np.ndarray | None,
-        aug: AugConfig,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        batch_size: int = 256,
-        num_workers: int = 2,
-    ) -> None:
-        super().__init__(data_dir, split, indices, aug, device, dtype, batch_size, num_workers)
+    def _image_pipeline(self) -> tuple[list, bool]:
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.transforms import ToTensor
 
+        aug = self.aug
         if not 0 < aug.eval_size <= aug.eval_resize:
             raise PipelineError(
                 f"eval_size {aug.eval_size} must be in 1..eval_resize ({aug.eval_resize})"
             )
         side = aug.eval_size
         decoder = CenterCropRGBImageDecoder((side, side), ratio=side / aug.eval_resize)
-        order = self.indices
-        self.loader = self._loader([decoder, ToTensor()], lambda epoch: order, True)
+        return [decoder, ToTensor()], True
 
     def __iter__(self) -> Iterator[EvalBatch]:
         start = 0
@@ -176,16 +174,17 @@ class CenterCropLoader(_SplitLoader):
                 raise PipelineError(f"{self.beton}: samples came out of order at {start}")
             start += b
             x = images.to(self.device, non_blocking=True)  # [B, S, S, 3] uint8
-            x = normalize(x.float().mul_(1 / 255), self.aug, self.dtype)  # [B, 3, S, S]
-            yield self._batch(x, index)
+            x = normalize(x.float().mul_(1 / 255), self.aug.mean, self.aug.std, self.dtype)
+            yield self._batch(x, index)  # x: [B, 3, S, S]
 
 
 class FinetuneLoader(_SplitLoader):
     """Random-resized crops (``aug.large_scale``, side ``size``) and flips of `indices`, in a
     fresh order each epoch (call `set_epoch`); a pure function of (seed, epoch).
 
-    Args:
+    Args: as `_SplitLoader` (``batch_size`` default 64), and
         size: crop side; default ``aug.eval_size``, the side the evaluation sees.
+        seed: base seed of the crops, flips and order.
     """
 
     def __init__(
@@ -195,38 +194,35 @@ class FinetuneLoader(_SplitLoader):
         indices: np.ndarray | None,
         aug: AugConfig,
         *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
         batch_size: int = 64,
-        num_workers: int = 2,
         size: int | None = None,
         seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(data_dir, split, indices, aug, device, dtype, batch_size, num_workers)
-        from ffcv.transforms import ToTensor
-
         self.side = size or aug.eval_size
         self.seed, self.epoch = seed, 0
         self.decoder = MultiCropDecoder([(self.side, aug.large_scale)])
-        self.loader = self._loader([self.decoder, ToTensor()], self._order, False)
+        super().__init__(data_dir, split, indices, aug, batch_size=batch_size, **kwargs)
+
+    def _image_pipeline(self) -> tuple[list, bool]:
+        from ffcv.transforms import ToTensor
+
+        return [self.decoder, ToTensor()], False
 
     def _order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, FINETUNE])
-        return self.indices[rng.permutation(len(self.indices))]  # [L]
+        n = len(self.indices)
+        return self.indices[epoch_order(n, self.seed, epoch, 0, 1, stream=FINETUNE)]  # [L]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[EvalBatch]:
-        self.decoder.set_key(_key(self.seed, self.epoch, 0, FINETUNE))
+        self.decoder.set_key(stable_key(self.seed, self.epoch, 0, FINETUNE))
         self.loader.next_epoch = self.epoch
         g = seed_generator(self.device, self.seed, self.epoch, FINETUNE)
-        at, s = self.decoder.index_offset, self.side
         for (rows,) in self.loader:
-            b = rows.shape[0]
             flat = rows.to(self.device, non_blocking=True)  # [B, T] uint8
-            index = flat[:, at : at + 8].contiguous().view(torch.int64).view(b)  # [B]
-            crops = flat[:, : s * s * 3].view(b, s, s, 3)  # [B, S, S, 3]
+            (crops,), index = unpack_rows(flat, self.decoder, [1])  # [B, S, S, 3], [B]
             x = random_flip(crops.float().mul_(1 / 255), 0.5, g)  # [B, S, S, 3]
-            x = normalize(x, self.aug, self.dtype)  # [B, 3, S, S]
+            x = normalize(x, self.aug.mean, self.aug.std, self.dtype)  # [B, 3, S, S]
             yield self._batch(x, index.cpu())

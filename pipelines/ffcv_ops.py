@@ -259,6 +259,36 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         return decode
 
 
+def unpack_rows(
+    flat: torch.Tensor, decoder: MultiCropDecoder, counts: Sequence[int]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Splits a batch of the decoder's rows into groups of views and the sample indices.
+
+    Args:
+        flat: the decoder's rows, ``[B, T]`` uint8, on any device.
+        decoder: the decoder that wrote them.
+        counts: views per group, in row order (a group's views share one side; 0: skipped).
+
+    Returns:
+        (one ``[n*B, S, S, 3]`` uint8 tensor per non-empty group, view-major: rows
+        ``v*B .. v*B+B-1`` are view v; sample indices ``[B]`` int64).
+    """
+    b = flat.shape[0]
+    at = decoder.index_offset
+    indices = flat[:, at : at + 8].contiguous().view(torch.int64).view(b)  # [B]
+    groups, view = [], 0
+    for n in counts:
+        if n == 0:
+            continue
+        side = int(decoder.view_size[view])
+        start = int(decoder.view_offset[view])
+        stop = start + n * side * side * 3
+        crops = flat[:, start:stop].view(b, n, side, side, 3)  # [B, n, S, S, 3]
+        groups.append(crops.transpose(0, 1).reshape(n * b, side, side, 3))  # [n*B, S, S, 3]
+        view += n
+    return groups, indices
+
+
 class FixedOrder(TraversalOrder):
     """A traversal order given by a function of the epoch (pass an instance as ``order=``).
 

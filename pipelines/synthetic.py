@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from pipelines.batch import Batch
+from pipelines.common import EpochPipeline
 from pipelines.config import AugConfig, DataConfig
 
 
-class SyntheticPipeline:
+class SyntheticPipeline(EpochPipeline):
     """Random normalised views on the device, shaped like a real pipeline's batches.
 
     Args:
@@ -54,21 +55,12 @@ class SyntheticPipeline:
         self.labels_of = np.asarray(labels_of, dtype=np.int64)
         self.device, self.dtype = torch.device(device), dtype
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.steps_per_epoch = steps_per_epoch
+        self.steps = steps_per_epoch
         self.epoch = 0
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[Batch]:
-        for step in range(self.steps_per_epoch):
+        for step in range(self.steps):
             yield self._batch(step)
-
-    def close(self) -> None:
-        pass
 
     def _batch(self, step: int) -> Batch:
         d, a = self.data, self.aug

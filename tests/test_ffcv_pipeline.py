@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from convert.manifest import load_manifest
+from pipelines.common import epoch_order
 from pipelines.config import AugConfig, DataConfig
 from pipelines.errors import PipelineError
-from pipelines.ffcv_pipeline import FFCVPipeline, epoch_order
+from pipelines.ffcv_pipeline import FFCVPipeline
 
 DATA = DataConfig(batch_size=64, classes_per_batch=5, images_per_class=2, num_workers=2)
 AUG = AugConfig(n_large=2, large_size=32, n_small=6, small_size=16)
