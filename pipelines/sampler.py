@@ -8,10 +8,14 @@ import numpy as np
 class StratifiedSampler:
     """Draws class-stratified batches of labeled sample indices that never run dry.
 
-    Classes are visited in a shuffled order, C at a time; when every class has been used the
-    order is reshuffled (a new cycle). Inside a class, images are dealt from a shuffled deck that
-    is reshuffled when it runs out, so an image repeats only when its class has fewer images
-    than a step needs (K, or K x world size when ranks share classes).
+    Classes are visited in a shuffled order, C at a time; when fewer than C unused classes
+    remain the order is reshuffled (a new cycle; with C not dividing the number of classes the
+    few left over wait for a later cycle, so every class is visited equally often on average).
+    Inside a class, images are dealt from a shuffled deck that is reshuffled when it runs out,
+    so an image repeats only when its class has fewer images than a step needs (K, or K x world
+    size when ranks share classes). A class with fewer than that deals one shuffled deck
+    cyclically (each image floor or ceil of need / n times), so each rank's K images of it are
+    distinct whenever the class has at least K.
 
     With ``per_rank_classes=False`` (default) every rank draws the same classes on a step and
     takes its own K-slice of the same deck, so ranks see disjoint images whenever a class has
@@ -52,6 +56,8 @@ class StratifiedSampler:
             )
         if classes_per_batch < 1 or images_per_class < 1:
             raise ValueError("classes_per_batch and images_per_class must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1} (world_size={world_size})")
         self.by_class = {int(c): indices[labels == c] for c in self.classes}
         self.label_of = dict(zip(indices.tolist(), labels.tolist(), strict=True))
         self.C, self.K = classes_per_batch, images_per_class
@@ -101,7 +107,8 @@ class StratifiedSampler:
         return out, labels
 
     def _deal(self, rng, decks, deck_pos, c, need) -> np.ndarray:
-        """Deals `need` images of class c, distinct unless the class has fewer than `need`."""
+        """Deals `need` images of class c, ``[need]``: distinct unless the class has fewer than
+        `need`; then any `K` consecutive ones are distinct while the class has at least K."""
         deck, pos = decks[c], deck_pos[c]
         n = len(deck)
         if n >= need:
@@ -110,6 +117,6 @@ class StratifiedSampler:
                 pos = 0
             deck_pos[c] = pos + need
             return deck[pos : pos + need]
-        # Fewer images than needed: every image once, the rest drawn with replacement.
-        extra = rng.choice(deck, size=need - n, replace=True)
-        return np.concatenate([rng.permutation(deck), extra])
+        # Fewer images than needed: one shuffled deck dealt round and round (with replacement
+        # only as far as it must: each image floor or ceil of need / n times).
+        return np.resize(rng.permutation(deck), need)  # [need]
