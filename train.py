@@ -34,6 +34,7 @@ RUN_FILES = (CONFIG_JSON, SPLIT_FILE, "train.log", metrics.METRICS, metrics.CSV,
 RESUMABLE = {
     ("run", "epochs"), ("run", "log_interval"), ("run", "checkpoint_every"),
     ("run", "max_nonfinite"), ("run", "out"), ("data", "data"), ("data", "num_workers"),
+    ("run", "monitor_every"),
 }  # fmt: skip
 
 
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every config field has a flag (below, by section), or use "
         "--set SECTION.FIELD=VALUE. Tuples take commas: --large-scale 0.08,1.0. "
         "Precedence: defaults < --config preset < flags. --resume reads RUN_DIR/config.json "
-        "back; only --epochs, --log-interval, --checkpoint-every, --max-nonfinite, --data "
-        "and --num-workers may change on resume.",
+        "back; only --epochs, --log-interval, --checkpoint-every, --max-nonfinite, --data, "
+        "--num-workers and --monitor-every may change on resume.",
     )
     p.add_argument(
         "--config", help="preset TOML file (sections data, aug, model, loss, optim, run)"
@@ -268,6 +269,43 @@ def build_data(cfg: rc.TrainConfig, info: DistInfo, labels: Labels):
     return build_pipeline(d.backend, d.data, d, cfg.aug, labels.indices, **kwargs)
 
 
+def check_monitor(cfg: rc.TrainConfig, labels: Labels) -> None:
+    """Rejects `--monitor-every` on a dataset without a val split (every rank, before work)."""
+    every, data = cfg.run.monitor_every, Path(cfg.data.data)
+    if not every:
+        return
+    if labels.manifest is None or "val" not in labels.manifest.splits:
+        raise rc.ConfigError(
+            f"--monitor-every {every}: the dataset {data} has no val split to evaluate on; "
+            "convert one (an ImageFolder val/ folder) or pass --monitor-every 0"
+        )
+    missing = [n for n in ("train.beton", "val.beton") if not (data / n).is_file()]
+    if missing:
+        raise rc.ConfigError(
+            f"--monitor-every {every}: the monitor reads FFCV files and {data} lacks "
+            f"{', '.join(missing)}; run convert/imagenet_to_ffcv.py or pass --monitor-every 0"
+        )
+
+
+def build_monitor(cfg: rc.TrainConfig, info: DistInfo, labels: Labels):
+    """Rank 0's online SNN/kNN monitor (its loaders compile now); None when off or elsewhere."""
+    if not cfg.run.monitor_every or not info.is_main:
+        return None
+    from runner.monitor import OnlineMonitor
+
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
+    dtype = amp if amp is not None and info.device.type == "cuda" else torch.float32
+    monitor = OnlineMonitor(
+        cfg.data.data, labels.manifest, labels.indices, cfg.aug, info.device, dtype,
+        val_subset=cfg.run.monitor_val_subset or None, num_workers=cfg.data.num_workers,
+    )  # fmt: skip
+    log.info(
+        "monitor: SNN/kNN every %d epoch(s) | bank %d labeled images | %d val images",
+        cfg.run.monitor_every, monitor.bank_loader.num_samples, monitor.val_loader.num_samples,
+    )  # fmt: skip
+    return monitor
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -290,6 +328,7 @@ def setup(args: argparse.Namespace):
     labels = choose_labels(cfg, run_dir, args.resume)
     n_classes = len(np.unique(labels.labels_of[labels.indices]))
     rc.check_split(cfg, len(labels.indices), n_classes, world)
+    check_monitor(cfg, labels)
     if info.is_main:
         rc.save_json(cfg, run_dir / CONFIG_JSON)
         save_labels(labels, run_dir)
@@ -299,7 +338,8 @@ def setup(args: argparse.Namespace):
     pipeline = build_data(cfg, info, labels)
     global_batch = cfg.data.batch_size * world
     schedule = lr_schedule(cfg.optim, len(pipeline), cfg.run.epochs, global_batch)
-    trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops)
+    monitor = build_monitor(cfg, info, labels)
+    trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops, monitor)
     log.info(
         "run %s | %s pipeline, %d steps/epoch | %d labeled images, %d classes | global batch "
         "%d | %d rank(s) on %s", run_dir, cfg.data.backend, len(pipeline), len(labels.indices),

@@ -39,6 +39,8 @@ class RunConfig:
     log_interval: int = 10  # steps between log lines (the only host reads of the losses)
     checkpoint_every: int = 10  # epochs between kept checkpoint-epXXXX.pt (0: none)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    monitor_every: int = 0  # epochs between SNN/kNN evaluations on rank 0 (0: off; needs val)
+    monitor_val_subset: int = 1000  # val images the monitor classifies (0: the whole split)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,13 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
     if r.checkpoint_every < 0:
         raise ConfigError("--checkpoint-every: must be >= 0")
+    if r.monitor_every < 0 or r.monitor_val_subset < 0:
+        raise ConfigError("--monitor-every and --monitor-val-subset: must be >= 0")
+    if r.monitor_every and d.backend == "synthetic":
+        raise ConfigError(
+            "--monitor-every: the synthetic pipeline has no validation images; use ffcv or "
+            "dali data with a val split, or --monitor-every 0"
+        )
 
 
 def check_split(cfg: TrainConfig, n_labeled: int, n_classes: int, world_size: int = 1) -> None:

@@ -91,6 +91,8 @@ class Trainer:
         info: rank, world size, device.
         run_dir: the run folder (rank 0 writes into it).
         flops_per_step: training FLOPs of one rank's step, `{sup_active: flops}`.
+        monitor: an `OnlineMonitor` (rank 0's; None elsewhere or when off), run before
+            training and after every `run.monitor_every` epochs and the last.
     """
 
     def __init__(
@@ -102,11 +104,13 @@ class Trainer:
         info: DistInfo,
         run_dir: str | Path,
         flops_per_step: dict[bool, int] | None = None,
+        monitor=None,
     ):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.schedule, self.info = schedule, info
         self.run_dir = Path(run_dir)
         self.flops_per_step = flops_per_step or {True: 0, False: 0}
+        self.monitor = monitor
         gather = info.distributed
         self.ntxent = NTXentLoss(cfg.loss.temperature, gather_distributed=gather)
         self.suncet = SuNCEtLoss(
@@ -213,8 +217,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------- one epoch
 
-    def step_images(self, batch: Batch) -> int:
-        return (batch.batch_size + batch.n_labeled) * self.info.world_size
+    def step_images(self, batch: Batch, sup: bool) -> int:
+        """Images the model processed this step, all ranks: the labeled batch only while
+        SuNCEt is on (with it off the pipeline still draws it, but no forward sees it)."""
+        return (batch.batch_size + (batch.n_labeled if sup else 0)) * self.info.world_size
 
     def train_epoch(self, pipeline, epoch: int) -> None:
         """Runs one epoch of `pipeline` (already `set_epoch`-ed), logging every interval."""
@@ -234,10 +240,10 @@ class Trainer:
             # 2. Step, counting images and FLOPs whether or not the update happened.
             self.train_step(batch, epoch)
             self.step += 1
-            images = self.step_images(batch)
+            sup = self.sup_active(epoch)
+            images = self.step_images(batch, sup)
             self.stats.images += images
             self.images += images
-            sup = self.sup_active(epoch)
             self.flops += self.flops_per_step[sup] * self.info.world_size
 
             # 3. Log on interval steps and at the end of the epoch.
@@ -287,17 +293,51 @@ class Trainer:
     # ------------------------------------------------------------------------ the run
 
     def fit(self, pipeline, start_epoch: int = 0) -> None:
-        """Epochs `start_epoch .. epochs-1`; a checkpoint and a plot after each."""
+        """Epochs `start_epoch .. epochs-1`; a checkpoint and a plot after each.
+
+        A run that starts at step 0 starts with an empty metrics.jsonl (records left by a
+        first epoch that never reached a checkpoint are stale) and, with a monitor, is
+        evaluated once before its first step.
+        """
+        if self.step == 0:
+            self.metrics.truncate_after(-1)
+            if self.monitor is not None and self.info.is_main:
+                self.evaluate(epoch=-1)
+        barrier()
         for epoch in range(start_epoch, self.cfg.run.epochs):
             pipeline.set_epoch(epoch)
             self.train_epoch(pipeline, epoch)
             self.end_epoch(epoch)
 
+    def monitor_due(self, epoch: int) -> bool:
+        """Whether the monitor runs after `epoch`: every `monitor_every` epochs and the last."""
+        done, every = epoch + 1, self.cfg.run.monitor_every
+        if self.monitor is None:
+            return False
+        return (every > 0 and done % every == 0) or done == self.cfg.run.epochs
+
+    def evaluate(self, epoch: int) -> dict:
+        """Runs the monitor (rank 0), logs one line and appends the record to metrics.jsonl.
+
+        Outside every log interval, so its time is not in any img/s.
+        """
+        rec = {"event": "eval", "step": self.step, "epoch": epoch, "images": self.images,
+               "flops": self.flops}  # fmt: skip
+        rec.update(self.monitor.evaluate(self.model))
+        rec["time"] = time.perf_counter() - self.t0
+        log.info(metrics.format_eval_line(rec))
+        self.metrics.append(rec)
+        return rec
+
     def end_epoch(self, epoch: int) -> None:
-        """Rank 0 writes checkpoint.pt (and every N epochs a kept copy) and the plot."""
+        """Rank 0 evaluates (when due), then writes checkpoint.pt (and every N epochs a kept
+        copy) and the plot; the other ranks wait at the barrier."""
         done = epoch + 1
         every = self.cfg.run.checkpoint_every
         if self.info.is_main:
+            # Before the checkpoint: a run resumed from an older one drops this record.
+            if self.monitor_due(epoch):
+                self.evaluate(epoch)
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.run_dir,
                 model=unwrap(self.model),

@@ -1,4 +1,11 @@
-"""What a run reports: the log line, metrics.jsonl (+ metrics.csv), and a PNG of losses and LR."""
+"""What a run reports: the log line, metrics.jsonl (+ metrics.csv), and a PNG of losses, LR and
+(with the online monitor) SNN/kNN accuracy.
+
+metrics.jsonl holds two kinds of record: one per log step (``l_unsup``, ``lr``, ``img_per_s``,
+...) and, with ``--monitor-every``, one per evaluation (``"event": "eval"``, ``snn_top1``, ...).
+Both carry ``step``, ``epoch``, ``images`` and ``flops``, so accuracy can be drawn against
+compute.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,20 @@ def format_line(rec: dict) -> str:
     if rec.get("nonfinite"):
         line += f" | non-finite {rec['nonfinite']}"
     return line
+
+
+def is_eval(rec: dict) -> bool:
+    """True for the online monitor's records."""
+    return rec.get("event") == "eval"
+
+
+def format_eval_line(rec: dict) -> str:
+    """`eval ep 3 | snn top1 41.20 top5 88.10 | knn top1 39.00 | 2.1 s` (`eval start` at step 0)."""
+    when = "start" if rec["epoch"] < 0 else f"ep {rec['epoch']}"
+    return (
+        f"eval {when} | snn top1 {rec['snn_top1']:.2f} top5 {rec['snn_top5']:.2f} | "
+        f"knn top1 {rec['knn_top1']:.2f} | {rec['eval_seconds']:.1f} s"
+    )
 
 
 class MetricsLog:
@@ -75,15 +96,19 @@ class MetricsLog:
 
 
 def plot(records: list[dict], path: str | Path) -> Path:
-    """Plots l_unsup, l_sup, l_total and the LR against the step (matplotlib, Agg)."""
+    """Plots l_unsup, l_sup, l_total, the LR and (if any) the monitor's top-1 against the step
+    (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evals = [r for r in records if is_eval(r)]
     records = [r for r in records if "l_unsup" in r]
     steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    rows = 3 if evals else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 3 * rows), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[1]
     for key in ("l_total", "l_unsup", "l_sup"):
         ys = [r[key] if r[key] is not None else math.nan for r in records]
         ax_loss.plot(steps, ys, label=key)
@@ -91,7 +116,13 @@ def plot(records: list[dict], path: str | Path) -> Path:
     ax_loss.legend()
     ax_lr.plot(steps, [r["lr"] for r in records], color="tab:red")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
+    if evals:
+        ax_acc = axes[2]
+        for key in ("snn_top1", "knn_top1"):
+            ax_acc.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
+        ax_acc.set_ylabel("val accuracy (%)")
+        ax_acc.legend()
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(".tmp-" + path.name)
