@@ -39,10 +39,12 @@ def gather_cat(x: Tensor) -> Tensor:
 class _AllGather(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's slice.
 
-    torch.distributed.nn.functional.all_gather is deprecated, and on gloo (torch 2.14) it
-    scrambles gradients that arrive non-contiguous (e.g. after a transpose): its backward
-    scatters into `empty_like` copies of strided gradients. This version makes every
-    buffer contiguous.
+    torch.distributed.nn.functional.all_gather is deprecated (a FutureWarning per call), and
+    on gloo (measured, torch 2.14.1) it scrambles gradients that arrive dense but strided
+    (e.g. the transpose of a contiguous tensor): its backward scatters contiguous data into
+    `empty_like` copies of the strided gradients. The replacement the warning names lives in
+    the private `torch.distributed._functional_collectives`. This version makes every buffer
+    contiguous.
     """
 
     @staticmethod

@@ -68,6 +68,18 @@ def all_agree(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `t` over all ranks (one all-reduce); `t` itself alone.
+
+    Every rank must call it at the same point with the same shape.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    total = t.detach().clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / dist.get_world_size()
+
+
 def wrap_model(model: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
     """Moves the model to its device, channels-last first, then SyncBatchNorm + DDP.
 

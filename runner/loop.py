@@ -25,7 +25,7 @@ from pipelines.batch import Batch
 from runner import checkpoint as ckpt
 from runner import metrics
 from runner.config import TrainConfig, to_dict
-from runner.distributed import DistInfo, all_agree, barrier, unwrap
+from runner.distributed import DistInfo, all_agree, barrier, mean_over_ranks, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,14 @@ class IntervalStats:
         self.ok_steps += 1
 
     def means(self) -> tuple[float | None, float | None, float | None]:
-        """Reads the sums back (the interval's one host sync)."""
+        """Reads the sums back (the interval's one host sync), averaged over the ranks.
+
+        Each rank's losses are over its own anchors (`model/losses.py`), so the mean over
+        ranks is the global batch's loss; every rank has the same step counts.
+        """
         n = max(self.ok_steps, 1)
-        sums = torch.stack([self.sum_unsup, self.sum_sup, self.sum_total]).tolist()
+        sums = torch.stack([self.sum_unsup, self.sum_sup, self.sum_total])  # [3]
+        sums = mean_over_ranks(sums).tolist()
         l_unsup = sums[0] / n if self.ok_steps else None
         l_sup = sums[1] / self.sup_steps if self.sup_steps else None
         l_total = sums[2] / n if self.ok_steps else None
