@@ -306,6 +306,21 @@ def build_monitor(cfg: rc.TrainConfig, info: DistInfo, labels: Labels):
     return monitor
 
 
+def check_resume_steps(state: dict, path: Path, steps_per_epoch: int, world: int) -> None:
+    """Refuses a checkpoint made with another number of steps per epoch (ranks or data).
+
+    The LR schedule is indexed by the global step, so a resumed run must make as many steps
+    per epoch as the one that wrote the checkpoint.
+    """
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if epoch > 0 and step != epoch * steps_per_epoch:
+        raise rc.ConfigError(
+            f"--resume: {path} is at step {step} after {epoch} epoch(s) ({step / epoch:g} "
+            f"steps per epoch), but {world} rank(s) on this data make {steps_per_epoch} per "
+            "epoch; resume with the number of ranks (and the data) the run started with"
+        )
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -349,7 +364,9 @@ def setup(args: argparse.Namespace):
     # 5. Resume at the last epoch boundary: every rank loads the same checkpoint.
     start_epoch = 0
     if args.resume and (run_dir / ckpt.LATEST).is_file():
-        start_epoch = trainer.resume_from(ckpt.load_checkpoint(run_dir / ckpt.LATEST))
+        state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
+        check_resume_steps(state, run_dir / ckpt.LATEST, len(pipeline), world)
+        start_epoch = trainer.resume_from(state)
         log.info("resumed from %s at epoch %d, step %d", run_dir / ckpt.LATEST, start_epoch,
                  trainer.step)  # fmt: skip
     return trainer, pipeline, start_epoch

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,10 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from test_train import ROOT, load_train  # ROOT on sys.path, train.py as a module
 
 WORLD = 2
 STEPS = 4  # per epoch: 300 images per rank // batch 64 (drop_last)
@@ -58,9 +54,7 @@ def probe_main(argv: list[str]) -> int:
     rank's losses per step) and `Trainer.fit` (weights at the end); changes nothing they do.
     """
     probe_dir, train_args = Path(argv[0]), argv[1:]
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    train = sys.modules["train"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train()
     from runner import loop
     from runner.distributed import unwrap
 
@@ -207,6 +201,15 @@ def test_torchrun_ranks_train_on_disjoint_images_and_shared_classes(runs):
             seen = [{i for s in r["steps"] if s["epoch"] == epoch for i in s["indices"]}
                     for r in (r0, r1)]  # fmt: skip
             assert len(seen[0]) == len(seen[1]) == STEPS * 64 and not seen[0] & seen[1]
+
+
+def test_resume_with_another_number_of_ranks_is_refused(runs, capsys):
+    before = (runs["out"] / "checkpoint.pt").read_bytes()
+    assert load_train().main(["--out", str(runs["out"]), "--resume"]) == 2  # 1 rank, not 2
+    err = capsys.readouterr().err
+    assert f"is at step {2 * STEPS} after 2 epoch(s) ({STEPS} steps per epoch)" in err
+    assert "1 rank(s) on this data make 9 per epoch" in err
+    assert (runs["out"] / "checkpoint.pt").read_bytes() == before
 
 
 # ------------------------------------------------------- pipelines and DDP under spawn (gloo)
