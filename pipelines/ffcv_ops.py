@@ -9,8 +9,10 @@ splits the row with torch views.
 Its heavy loop (`_multicrop_kernel`) is a numba function compiled with ``cache=True``: it calls
 FFCV's C library by symbol name (``imdecode``, ``resize``) rather than through FFCV's ctypes
 wrappers, so numba can cache it on disk and a second process starts in well under a second.
-Crop randomness comes from a counter-based hash of (key, sample index, view, draw), not from
-numba's thread-local generator, so crops are the same whichever worker thread decodes a sample;
+Crop randomness comes from a counter-based hash of (key, the batch's sample indices, slot in
+the batch, view, draw), not from numba's thread-local generator, so crops are the same whichever
+worker thread decodes a sample, and a sample that comes twice (a labeled class with fewer images
+than K, a small labeled split seen several times an epoch) gets fresh crops each time;
 the key is read at run time from a small array owned by the decoder (`set_key`), so a new epoch
 needs no recompilation.
 
@@ -169,6 +171,12 @@ def _multicrop_kernel(
         index_offset: where the sample index goes in a row (8-byte aligned).
         key: run-time key (seed, epoch, rank, stream) of the crop randomness.
     """
+    # The batch's key: a hash of its samples in order, so that a sample repeated in another
+    # batch of the epoch (or another slot of this one) is cropped afresh.
+    batch_key = np.uint64(0x9E3779B97F4A7C15)
+    for b in range(len(batch_indices)):
+        batch_key = _mix(batch_key ^ np.uint64(batch_indices[b]))
+
     for b in prange(len(batch_indices)):
         sample = batch_indices[b]
         field = metadata[sample]
@@ -191,7 +199,8 @@ def _multicrop_kernel(
         row = out[b]
         row[index_offset : index_offset + 8].view(np.uint64)[0] = np.uint64(sample)
         for v in range(len(view_size)):
-            stream = _mix(key ^ _mix(np.uint64(sample) * np.uint64(64) + np.uint64(v)))
+            slot = _mix(key ^ batch_key ^ np.uint64(b))
+            stream = _mix(slot ^ _mix(np.uint64(sample) * np.uint64(64) + np.uint64(v)))
             box = view_box[v]
             i, j, h, w = random_crop(height, width, box[0], box[1], box[2], box[3], stream)
             s = view_size[v]
