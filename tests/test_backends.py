@@ -1,4 +1,5 @@
-"""FFCV and DALI side by side on the same files (the `cifar_dataset` fixture holds both).
+"""FFCV and DALI side by side on the same files (the `cifar_dataset` fixture holds both),
+what both must do alike (a one-image class), and the room's import contract.
 
 Both backends get the same config and seed and run two epochs; the module keeps, per backend
 and augmentation, the first batch, the sample indices of every step and the per-channel mean
@@ -188,3 +189,24 @@ def test_one_image_class_is_drawn_k_times_in_distinct_views(cifar_dataset, backe
     off = ~torch.eye(len(crops), dtype=torch.bool)
     assert (torch.cdist(flat, flat)[off] > 1e-3).all()  # no two views alike
     assert (torch.cdist(flat, mirrored)[off] > 1e-3).all()  # nor mirror images
+
+
+def test_pipelines_import_nothing_of_the_other_rooms_but_the_manifest():
+    """DESIGN.md: pipelines/ never imports model/ (nor the trainer); of convert/ only its
+    manifest, the one contract between the two."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rooms = {"model", "runner", "train", "evaluate", "finetune", "bench", "convert"}
+    for path in sorted((root / "pipelines").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in rooms:
+                    assert name == "convert.manifest", f"{path.name}:{node.lineno} imports {name}"
