@@ -340,13 +340,15 @@ def setup(args: argparse.Namespace):
     run_dir = prepare_run_dir(cfg, args, info)
 
     # 3. The labeled split: checked against C x K before any work, kept in the run folder.
+    #    The data files must be the ones the converter wrote (none missing, truncated, swapped).
     labels = choose_labels(cfg, run_dir, args.resume)
     n_classes = len(np.unique(labels.labels_of[labels.indices]))
     rc.check_split(cfg, len(labels.indices), n_classes, world)
     check_monitor(cfg, labels)
-    if info.is_main:
-        rc.save_json(cfg, run_dir / CONFIG_JSON)
-        save_labels(labels, run_dir)
+    if labels.manifest is not None and cfg.data.backend != "synthetic":
+        from convert.manifest import check_files
+
+        check_files(cfg.data.data, labels.manifest, cfg.data.backend)
 
     # 4. Model, optimizer, data, and the per-step LR schedule (LR scales with the global batch).
     model, optimizer, flops = build_training(cfg, info)
@@ -354,6 +356,9 @@ def setup(args: argparse.Namespace):
     global_batch = cfg.data.batch_size * world
     schedule = lr_schedule(cfg.optim, len(pipeline), cfg.run.epochs, global_batch)
     monitor = build_monitor(cfg, info, labels)
+    if info.is_main:  # only now: a start that failed above leaves no run to refuse next time
+        rc.save_json(cfg, run_dir / CONFIG_JSON)
+        save_labels(labels, run_dir)
     trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops, monitor)
     log.info(
         "run %s | %s pipeline, %d steps/epoch | %d labeled images, %d classes | global batch "
@@ -369,6 +374,9 @@ def setup(args: argparse.Namespace):
         start_epoch = trainer.resume_from(state)
         log.info("resumed from %s at epoch %d, step %d", run_dir / ckpt.LATEST, start_epoch,
                  trainer.step)  # fmt: skip
+    elif args.resume:  # killed before its first checkpoint: start over, dropping its metrics
+        trainer.metrics.truncate_after(0)
+        log.info("--resume: no %s in %s yet; starting at epoch 0", ckpt.LATEST, run_dir)
     return trainer, pipeline, start_epoch
 
 
@@ -380,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer, pipeline, start_epoch = setup(args)
-        except ValueError as e:  # ConfigError, ManifestError, PipelineError, split errors
+        except (ValueError, ckpt.CheckpointError) as e:  # Config/Manifest/Pipeline/Split errors
             print(f"error: {e}", file=sys.stderr)
             return 2
 
@@ -390,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit(pipeline, start_epoch)
         except (ckpt.CheckpointError, NonFiniteLossError) as e:
             log.error("error: %s", e)
+            status = 1
+        except OSError as e:  # a full disk or a lost mount while writing metrics or the plot
+            log.error("error: %s; last checkpoint: %s", e, trainer.last_checkpoint or "none")
             status = 1
         finally:
             pipeline.close()

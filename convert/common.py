@@ -85,7 +85,10 @@ def _class_files(class_dir: Path) -> list[str]:
 def split_roots(src: Path) -> dict[str, Path]:
     """``{"train": src/train, "val": src/val}`` for those present, else ``{"train": src}``."""
     if not src.is_dir():
-        raise ConversionError(f"{src}: source folder does not exist")
+        raise ConversionError(
+            f"{src}: source folder does not exist; pass --src an ImageFolder tree "
+            "(SRC/<class>/<image> or SRC/train/<class>/<image>)"
+        )
     roots = {s: src / s for s in SPLITS if (src / s).is_dir()}
     return roots or {"train": src}
 
@@ -119,7 +122,10 @@ def scan_tree(
         for name in names:
             files = _class_files(root / name)
             if not files:
-                raise ConversionError(f"{root / name}: empty class folder (no image files)")
+                raise ConversionError(
+                    f"{root / name}: empty class folder (no image files); add its images or "
+                    "remove the folder"
+                )
             found += [(f, label_of[name]) for f in files[:limit_per_class]]
         candidates[split] = found
     assert classes is not None
@@ -138,6 +144,10 @@ def check_image(path: str | os.PathLike) -> str | None:
     segment, so a truncated file fails here as it would at full scale (verified on real
     ImageNet files cut at 30..99 % and with the EOI marker removed). Other formats decode fully.
     """
+    # Limitation: damage that libjpeg only warns about (an EOI marker in mid-scan, garbage
+    # bytes inside the entropy-coded data: "Corrupt JPEG data: ...") decodes to a partly grey
+    # or garbled image that is kept; PIL does not report libjpeg's warnings. A damaged header,
+    # a scan cut short and every error libjpeg raises are caught.
     try:
         with open_source(path) as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -224,7 +234,7 @@ def prepare_source(
         if empty:
             raise ConversionError(
                 f"{roots[split]}: class folders {empty[:5]} have no decodable image "
-                f"(see the skipped files above)"
+                f"(see the skipped files above); replace their images or remove the folders"
             )
         splits[split] = keep
     return SourceDataset(src, classes, splits, roots, skipped, limit_per_class)
@@ -334,7 +344,10 @@ def output_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConversionError(f"{out}: another conversion is writing this folder") from None
+            raise ConversionError(
+                f"{out}: another conversion is writing this folder; wait for it to finish or "
+                "pass another --out"
+            ) from None
         yield
 
 
@@ -408,9 +421,10 @@ def write_outputs(
                 for rel in sec.get("files", []):
                     (out / rel).unlink(missing_ok=True)
         (out / MANIFEST_NAME).unlink()
-    formats[fmt] = section
-
     staging.commit()
+    # The byte size of every file, so a truncated or swapped copy is caught before training.
+    sizes = {rel: (out / rel).stat().st_size for rel in section.get("files", [])}
+    formats[fmt] = {**section, "sizes": sizes}
     manifest = Manifest(source.classes, source.splits, formats, str(source.src))
     manifest.save(out)
     return manifest
@@ -488,3 +502,14 @@ def start(args: argparse.Namespace) -> tuple[SourceDataset, Manifest | None, flo
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def run_cli(main: Callable[[], object]) -> int:
+    """Runs a converter's `main` as a program: bad input is one `error: ...` line, status 2."""
+    setup_logging()
+    try:
+        main()
+    except (ConversionError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -177,5 +177,4 @@ def main(argv: list[str] | None = None) -> Manifest:
 
 
 if __name__ == "__main__":
-    common.setup_logging()
-    main()
+    sys.exit(common.run_cli(main))

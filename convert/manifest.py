@@ -122,3 +122,31 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: corrupt manifest ({e})") from e
     return Manifest.from_json(d, str(path))
+
+
+def check_files(data_dir: str | os.PathLike, manifest: Manifest, fmt: str) -> None:
+    """Checks that format `fmt`'s files are all there, each the size the converter wrote.
+
+    Catches a truncated copy (an interrupted rsync, a full disk) or a file swapped in from
+    another conversion before any work starts. Manifests written before sizes were recorded
+    are checked for presence only.
+
+    Raises:
+        ManifestError: naming the file, what is wrong with it and the command that rewrites it.
+    """
+    data_dir = Path(data_dir)
+    fix = f"reconvert with `python convert/imagenet_to_{fmt}.py --src TREE --out {data_dir}`"
+    section = manifest.formats.get(fmt)
+    if section is None:
+        raise ManifestError(f"{data_dir / MANIFEST_NAME}: the dataset has no {fmt} files; {fix}")
+    sizes = section.get("sizes", {})
+    for rel in section.get("files", []):
+        path = data_dir / rel
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing ({fmt} file listed in {MANIFEST_NAME}); {fix}")
+        want, got = sizes.get(rel), path.stat().st_size
+        if want is not None and got != want:
+            raise ManifestError(
+                f"{path}: {got} bytes but {MANIFEST_NAME} records {want}, so it is truncated or "
+                f"from another conversion; copy it again or {fix}"
+            )

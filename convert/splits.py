@@ -37,7 +37,10 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     """Reads a split file: one file name a line; blank lines and ``#`` comments are ignored."""
     path = Path(path)
     if not path.is_file():
-        raise SplitError(f"{path}: split file not found")
+        raise SplitError(
+            f"{path}: split file not found; pass --labels 1pct, 10pct, <p>pct, all, or the "
+            "path of an existing split file"
+        )
     names = []
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -81,8 +84,8 @@ def indices_from_names(manifest: Manifest, names: list[str], source: str = "spli
     if missing:
         raise SplitError(
             f"{source}: {len(missing)} of {len(names)} names are not in the dataset's train split "
-            f"({len(files)} samples), e.g. {', '.join(missing[:5])}; was the dataset converted "
-            f"with --limit-per-class, from another tree, or were files skipped (skipped.txt)?"
+            f"({len(files)} samples), e.g. {', '.join(missing[:5])}; remove them from the split "
+            "file, or reconvert the full tree (check --limit-per-class, --src and skipped.txt)"
         )
     if unclear:
         raise SplitError(

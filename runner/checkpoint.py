@@ -156,7 +156,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         # checkpoints this program wrote.
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"--resume: cannot read checkpoint {path} ({e})") from e
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"--resume: cannot read checkpoint {path} ({type(e).__name__}: {first}); copy a "
+            "kept checkpoint-epNNNN.pt over it to resume from there, or start again with --force"
+        ) from e
 
 
 def restore(state: dict, *, model, optimizer, scaler) -> tuple[int, int]:
