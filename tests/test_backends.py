@@ -8,15 +8,18 @@ differ (FFCV: counter-based crops and torch augmentation; DALI: its own operator
 comparison is of statistics, not pixels.
 
 Tolerances, from measuring this configuration over seeds 0-5 (two epochs each; FFCV minus
-DALI, per channel):
-- crops and flips only: |mean gap| at most 0.063 (small crops; 0.026 large), |std gap| at most
-  0.028; part of it is systematic (the two JPEG decoders and resizers: DALI about 0.02 brighter
-  in red and blue). Tolerances 0.08 and 0.04.
-- full augmentation (colour jitter, grayscale, blur on): |mean gap| at most 0.075, |std gap|
-  at most 0.049 (DALI's jitter spreads values about 0.02 more). Tolerances 0.10 and 0.06.
+DALI, per channel; the test runs seed 0):
+- crops and flips only: |mean gap| at most 0.046 (small crops; 0.037 large, 0.029 labeled),
+  |std gap| at most 0.024. About 0.02 of it is systematic (the two JPEG decoders and
+  resizers: DALI is brighter in red and blue, FFCV spreads a little wider), the rest is the
+  crops drawn (seed-to-seed sd about 0.01). Tolerances 0.08 and 0.05 (systematic + 3 sd).
+- full augmentation (colour jitter, grayscale, blur on): |mean gap| at most 0.081, |std gap|
+  at most 0.042 (DALI's jitter lands about 0.03 brighter and 0.02 wider; sd about 0.025).
+  Tolerances 0.12 and 0.06.
 - against the dataset's own normalised pixel statistics (full images, read with PIL), the
-  crops-only views lie 0.03-0.08 lower in mean and 0.05-0.08 lower in std (crops favour the
-  image centre): tolerance 0.12 for both. Unnormalised or 0..255 views would miss by > 0.2.
+  crops-only views lie 0.01-0.08 lower in mean and 0.05-0.08 lower in std (crops favour the
+  image centre): tolerance 0.12 for both. Unnormalised or 0..255 views miss by far more, and
+  a red/blue swap in one backend opens a crops-only gap of 0.23 (tried).
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def test_backends_read_the_same_images_on_every_step(runs):
 
 
 @pytest.mark.parametrize(
-    ("aug", "mean_tol", "std_tol"), [("plain", 0.08, 0.04), ("full", 0.10, 0.06)]
+    ("aug", "mean_tol", "std_tol"), [("plain", 0.08, 0.05), ("full", 0.12, 0.06)]
 )
 def test_backends_agree_on_per_channel_mean_and_std(runs, aug, mean_tol, std_tol):
     for group in GROUPS:
