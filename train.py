@@ -3,6 +3,7 @@
     python train.py --data DIR --labels 1pct|10pct|FILE [--out RUN_DIR]
         [--pipeline ffcv|dali|synthetic] [--device cpu|cuda] [--epochs N]
         [--config FILE.toml] [--resume] [--force] [--batch-size 64 ...] [--set data.seed=1]
+        [--benchmark [chosen|all] [--bench-warmup 2] [--bench-steps 10]]
 
 Under torchrun every rank runs this file; rank 0 alone logs, plots and checkpoints. This file
 only wires the rooms together, in stages: config, run folder, labels, model, data, loop.
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.FIELD=VALUE",
         help="override any field (repeatable)",
     )
+    from runner.benchmark import add_arguments
+
+    add_arguments(p)  # --benchmark [chosen|all], --bench-warmup, --bench-steps
     flags = rc.flag_names()
     groups = {s: p.add_argument_group(f"[{s}] overrides") for s in rc.SECTIONS}
     for flag, (section, name) in flags.items():
@@ -165,8 +169,16 @@ def close_logging() -> None:
 
 
 def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInfo) -> Path:
-    """Refuses to overwrite a run without --resume or --force; --force clears the old run."""
+    """Refuses to overwrite a run without --resume or --force; --force clears the old run.
+
+    `--benchmark` writes only RUN_DIR/benchmark.json, so it refuses and clears nothing.
+    """
     run_dir = Path(cfg.run.out)
+    if args.benchmark is not None:
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        return run_dir
     holds_run = (run_dir / CONFIG_JSON).exists() or (run_dir / ckpt.LATEST).exists()
     if holds_run and not (args.resume or args.force):
         raise rc.ConfigError(
@@ -250,10 +262,13 @@ def build_training(cfg: rc.TrainConfig, info: DistInfo):
     return model, optimizer, flops
 
 
-def build_data(cfg: rc.TrainConfig, info: DistInfo, labels: Labels):
+def build_data(cfg: rc.TrainConfig, info: DistInfo, labels: Labels, backend: str | None = None):
+    """The run's pipeline (or `backend`'s: ffcv | dali | synthetic | torchvision, the bench/
+    baseline that only `--benchmark all` builds)."""
     from pipelines.build import build_pipeline
 
     d = cfg.data
+    backend = backend or d.backend
     on_cuda = info.device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
     kwargs = dict(
@@ -263,10 +278,14 @@ def build_data(cfg: rc.TrainConfig, info: DistInfo, labels: Labels):
         world_size=info.world_size,
         seed=cfg.run.seed,
     )
-    if d.backend == "synthetic":
+    if backend == "synthetic":
         steps = len(labels.labels_of) // (d.batch_size * info.world_size)
         kwargs.update(labels_of=labels.labels_of, steps_per_epoch=max(steps, 1))
-    return build_pipeline(d.backend, d.data, d, cfg.aug, labels.indices, **kwargs)
+    if backend == "torchvision":
+        from bench.baseline_torchvision import TorchvisionPipeline
+
+        return TorchvisionPipeline(d.data, d, cfg.aug, labels.indices, **kwargs)
+    return build_pipeline(backend, d.data, d, cfg.aug, labels.indices, **kwargs)
 
 
 def check_monitor(cfg: rc.TrainConfig, labels: Labels) -> None:
@@ -355,8 +374,8 @@ def setup(args: argparse.Namespace):
     pipeline = build_data(cfg, info, labels)
     global_batch = cfg.data.batch_size * world
     schedule = lr_schedule(cfg.optim, len(pipeline), cfg.run.epochs, global_batch)
-    monitor = build_monitor(cfg, info, labels)
-    if info.is_main:  # only now: a start that failed above leaves no run to refuse next time
+    monitor = None if args.benchmark is not None else build_monitor(cfg, info, labels)
+    if info.is_main and args.benchmark is None:  # only now: a failed start leaves no run
         rc.save_json(cfg, run_dir / CONFIG_JSON)
         save_labels(labels, run_dir)
     trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops, monitor)
@@ -365,6 +384,9 @@ def setup(args: argparse.Namespace):
         "%d | %d rank(s) on %s", run_dir, cfg.data.backend, len(pipeline), len(labels.indices),
         n_classes, global_batch, world, info.device,
     )  # fmt: skip
+
+    if args.benchmark is not None:  # times the model as built; the run folder stays as it is
+        return trainer, pipeline, 0
 
     # 5. Resume at the last epoch boundary: every rank loads the same checkpoint.
     start_epoch = 0
@@ -380,6 +402,24 @@ def setup(args: argparse.Namespace):
     return trainer, pipeline, start_epoch
 
 
+def benchmark(args: argparse.Namespace, trainer, pipeline, argv: list[str]) -> int:
+    """`--benchmark`: loaders, model and full step timed by runner/benchmark.py (0 done, 1
+    stopped by non-finite losses); the other pipelines of `all` come from `build_data`."""
+    from runner.benchmark import run_benchmark
+    from runner.loop import NonFiniteLossError
+
+    labels = Labels(np.asarray(pipeline.labeled), np.empty(0, np.int64), None)  # setup's split
+    make = lambda name: build_data(trainer.cfg, trainer.info, labels, backend=name)
+    try:
+        run_benchmark(args, trainer, pipeline, make, command=["train.py", *argv])
+    except NonFiniteLossError as e:
+        log.error("error: %s", e)
+        return 1
+    finally:
+        pipeline.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the program; returns the exit status (0 done, 1 stopped, 2 bad settings)."""
     from runner.loop import NonFiniteLossError
@@ -387,10 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         try:
+            from runner.benchmark import check_args
+
+            check_args(args)
             trainer, pipeline, start_epoch = setup(args)
         except (ValueError, ckpt.CheckpointError) as e:  # Config/Manifest/Pipeline/Split errors
             print(f"error: {e}", file=sys.stderr)
             return 2
+
+        if args.benchmark is not None:
+            return benchmark(args, trainer, pipeline, sys.argv[1:] if argv is None else argv)
 
         # 6. Train; the run folder is printed however the run ends.
         status = 0

@@ -3,7 +3,8 @@
 One step: one forward of `[labeled views..., large views..., small views...]` (the model runs
 its backbone once per crop size), NT-Xent over the unlabeled projections `[V, B, D]`, SuNCEt
 over the labeled projections with the labels repeated per supervised view, and
-`suncet_total` of the two. Loss sums stay on the device and are read only on log steps.
+`suncet_total` of the two. Loss sums stay on the device and are read only on log steps; each
+step's finite flag gates its update on the device and is read by the host late (IntervalStats).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import contextlib
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.losses import NTXentLoss, SuNCEtLoss, suncet_total
@@ -25,7 +29,7 @@ from pipelines.batch import Batch
 from runner import checkpoint as ckpt
 from runner import metrics
 from runner.config import TrainConfig, to_dict
-from runner.distributed import DistInfo, all_agree, barrier, mean_over_ranks, unwrap
+from runner.distributed import DistInfo, barrier, mean_over_ranks, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +49,84 @@ class StepLosses:
     total: Tensor
 
 
-class IntervalStats:
-    """Device-side loss sums and host-side timing of one log interval."""
+class PendingFlag(NamedTuple):
+    """A step's finite flag and losses on their way to the host, `[3]`: flag, l_unsup, l_sup."""
 
-    def __init__(self, device: torch.device):
+    step: int
+    epoch: int
+    sup: bool  # whether the step had an l_sup
+    values: Tensor  # [3] on the host (pinned, filled by a non-blocking copy on CUDA)
+    event: object | None  # the CUDA event after that copy; None on a CPU
+
+
+class IntervalStats:
+    """Device-side loss sums and host-side timing of one log interval, and the step flags
+    (finite loss or not) that the host has yet to read.
+
+    Args:
+        device: where the losses live.
+        lag: steps a flag may stay unread (default 2 on CUDA, 0 elsewhere). On CUDA a step's
+            flag and losses go to pinned host memory by a non-blocking copy and are read once
+            that copy is done (an event query, which never waits) or, at the latest, `lag`
+            steps later, long after the GPU has passed them: the GPU never waits for the host.
+            On a CPU reading costs nothing, so it is immediate.
+    """
+
+    def __init__(self, device: torch.device, lag: int | None = None):
         self.device = device
+        self.lag = (2 if device.type == "cuda" else 0) if lag is None else lag
+        self.pending: deque[PendingFlag] = deque()
         self.reset()
 
     def reset(self) -> None:
         zero = lambda: torch.zeros((), device=self.device)
         self.sum_unsup, self.sum_sup, self.sum_total = zero(), zero(), zero()
-        self.ok_steps = 0  # steps with a finite loss (their losses are in the sums)
+        self.ok_steps = 0  # read flags of finite steps (their losses are in the sums)
         self.sup_steps = 0
         self.nonfinite = 0
         self.images = 0
         self.wait = 0.0
         self.start = time.perf_counter()
 
-    def add(self, losses: StepLosses) -> None:
-        self.sum_unsup += losses.l_unsup.detach()
-        self.sum_total += losses.total.detach()
+    def add(self, losses: StepLosses, finite: Tensor) -> None:
+        """Adds a step's losses where `finite` (bool `[]`); the counts follow when it is read."""
+        keep = lambda x: torch.where(finite, x.detach(), 0.0)  # []
+        self.sum_unsup += keep(losses.l_unsup)
+        self.sum_total += keep(losses.total)
         if losses.l_sup is not None:
-            self.sum_sup += losses.l_sup.detach()
-            self.sup_steps += 1
-        self.ok_steps += 1
+            self.sum_sup += keep(losses.l_sup)
+
+    def push(self, step: int, epoch: int, finite: Tensor, losses: StepLosses) -> None:
+        """Queues step `step`'s flag and losses for the host, without waiting for them."""
+        sup = losses.l_sup is not None
+        l_sup = losses.l_sup if sup else losses.l_unsup
+        values = torch.stack([finite, losses.l_unsup.detach(), l_sup.detach()]).float()  # [3]
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(3, pin_memory=True)  # [3]
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.pending.append(PendingFlag(step, epoch, sup, values, event))
+
+    def ready(self, wait_all: bool = False) -> list[tuple[int, int, bool, float, float | None]]:
+        """Reads the queued flags that are due (all with `wait_all`), oldest first, and counts
+        the finite ones; returns `(step, epoch, finite, l_unsup, l_sup or None)` of each."""
+        out = []
+        while self.pending:
+            p = self.pending[0]
+            due = wait_all or len(self.pending) > self.lag
+            if not due and (p.event is None or not p.event.query()):
+                break
+            if p.event is not None:
+                p.event.synchronize()  # done already, or `lag` steps old
+            ok, l_unsup, l_sup = p.values.tolist()
+            self.pending.popleft()
+            self.ok_steps += bool(ok)
+            self.sup_steps += bool(ok) and p.sup
+            out.append((p.step, p.epoch, bool(ok), l_unsup, l_sup if p.sup else None))
+        return out
 
     def means(self) -> tuple[float | None, float | None, float | None]:
         """Reads the sums back (the interval's one host sync), averaged over the ranks.
@@ -169,45 +227,60 @@ class Trainer:
         total = suncet_total(l_unsup, l_sup, loss.sup_weight, epoch, loss.supervised_epochs)
         return StepLosses(l_unsup, l_sup, total)
 
-    def train_step(self, batch: Batch, epoch: int) -> bool:
-        """Forward, backward and update; returns False when the loss was non-finite.
+    def train_step(self, batch: Batch, epoch: int) -> bool | None:
+        """Forward, backward and update; False when the loss was non-finite, None while unread.
 
-        A non-finite loss skips backward and the update entirely (no weight moves).
+        No host sync per step: the step's finite flag (agreed by all ranks on the device)
+        gates the update on the device (`SyncFreeLARS.step(finite=)`; under fp16 GradScaler's
+        `found_inf` as well), so a non-finite loss moves no weight and no momentum buffer. The
+        host reads the flag and the losses later (`IntervalStats.ready`) to warn, count and
+        stop (`on_nonfinite`), at the latest on the next log step. On CUDA that is after this
+        step is queued, so this returns None; on a CPU the read is immediate and free, so a
+        non-finite loss skips backward and the update altogether and this returns False.
         """
         set_lr(self.optimizer, float(self.schedule[self.step]))
         losses = self.forward_losses(batch, epoch)
-
-        # Limitation: the finiteness check reads one flag back per step (a host sync before
-        # backward); skipping an update cannot be decided on the device with this optimizer.
-        finite = all_agree(bool(torch.isfinite(losses.total).item()), self.info)
-        if not finite:
-            self.on_nonfinite(losses, epoch)
+        finite = _all_ranks_agree(torch.isfinite(losses.total), self.info)  # [] bool
+        self.stats.push(self.step + 1, epoch, finite, losses)
+        if self.stats.lag == 0 and not self.resolve_flags():
             return False
-        self.nonfinite_run = 0
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(losses.total).backward()
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer, finite=finite)
             self.scaler.update()
         else:
             losses.total.backward()
-            self.optimizer.step()
-        self.stats.add(losses)
-        return True
+            self.optimizer.step(finite=finite)
+        self.stats.add(losses, finite)
+        if self.stats.lag == 0:
+            return True
+        self.resolve_flags()  # earlier steps' flags, while the GPU runs this one
+        return None
 
-    def on_nonfinite(self, losses: StepLosses, epoch: int) -> None:
-        """Logs the skipped step; stops the run after `max_nonfinite` in a row."""
+    def resolve_flags(self, wait_all: bool = False) -> bool | None:
+        """Acts on the step flags the host can read now (every queued one with `wait_all`);
+        returns the last verdict read (None: nothing was due)."""
+        verdict = None
+        for step, epoch, ok, l_unsup, l_sup in self.stats.ready(wait_all):
+            if ok:
+                self.nonfinite_run = 0
+            else:
+                self.on_nonfinite(step, epoch, l_unsup, l_sup)
+            verdict = ok
+        return verdict
+
+    def on_nonfinite(self, step: int, epoch: int, l_unsup: float, l_sup: float | None) -> None:
+        """Logs skipped step `step` (values read late); stops after `max_nonfinite` in a row."""
         self.nonfinite_run += 1
         self.stats.nonfinite += 1
         limit = self.cfg.run.max_nonfinite
-        parts = f"l_unsup {losses.l_unsup.item():.4g}"
-        if losses.l_sup is not None:
-            parts += f" l_sup {losses.l_sup.item():.4g}"
+        parts = f"l_unsup {l_unsup:.4g}" + ("" if l_sup is None else f" l_sup {l_sup:.4g}")
         if self.info.is_main:
             log.warning(
                 "step %d ep %d | non-finite loss (%s): update skipped (%d in a row, stop at %d)",
-                self.step + 1,
+                step,
                 epoch,
                 parts,
                 self.nonfinite_run,
@@ -216,8 +289,8 @@ class Trainer:
         if self.nonfinite_run >= limit:
             kept = self.last_checkpoint or "none (no epoch finished)"
             raise NonFiniteLossError(
-                f"stopped at step {self.step + 1} (epoch {epoch}): {limit} non-finite losses in a "
-                f"row (--max-nonfinite {limit}); last good checkpoint: {kept}"
+                f"stopped at step {step} (epoch {epoch}): {limit} non-finite losses in a row "
+                f"(--max-nonfinite {limit}); last good checkpoint: {kept}"
             )
 
     # ------------------------------------------------------------------------- one epoch
@@ -271,6 +344,7 @@ class Trainer:
 
     def log_interval(self, epoch: int, sup: bool) -> dict:
         """Reads the interval's loss sums (the only host read of losses) and logs one line."""
+        self.resolve_flags(wait_all=True)  # the interval's flags, counted before its means
         s = self.stats
         l_unsup, l_sup, l_total = s.means()
         elapsed = max(time.perf_counter() - s.start, 1e-9)
@@ -376,3 +450,12 @@ class Trainer:
         if done:
             self.images, self.flops = done[-1]["images"], done[-1]["flops"]
         return epoch
+
+
+def _all_ranks_agree(flag: Tensor, info: DistInfo) -> Tensor:
+    """`flag` (bool `[]`) AND-ed over all ranks by one all-reduce on the device: no host read."""
+    if not info.distributed:
+        return flag
+    t = flag.to(torch.int32)  # []
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -205,21 +207,30 @@ class HostReadProbe:
 
         probe = self
         self.reads: list[str] = []
+        self.callers: list[set[str]] = []  # the functions on the stack of each read
 
         class Calls(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 name = getattr(func, "__name__", "")
                 if name in probe.CALLS or (name == "__getitem__" and probe._mask(args)):
-                    probe.reads.append(name)
+                    probe.record(name)
                 return func(*args, **(kwargs or {}))
 
         class Ops(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func.overloadpacket.__name__ in probe.OPS:
-                    probe.reads.append(str(func))
+                    probe.record(str(func))
                 return func(*args, **(kwargs or {}))
 
         self.modes = [Calls(), Ops()]
+
+    def record(self, name: str) -> None:
+        self.reads.append(name)
+        frame, names = sys._getframe(2), set()
+        while frame is not None:
+            names.add(getattr(frame.f_code, "co_qualname", frame.f_code.co_name))
+            frame = frame.f_back
+        self.callers.append(names)
 
     @staticmethod
     def _mask(args) -> bool:
