@@ -37,7 +37,7 @@ from pipelines.ffcv_ops import (
 )
 
 FIELDS = ("image", "label", "index")
-__all__ = ["FFCVPipeline", "check_beton", "LABELED", "UNLABELED"]
+__all__ = ["FFCVPipeline", "check_beton", "LABELED", "UNLABELED"]  # the tags: for bench/loaders.py
 
 
 def check_beton(path: Path, split: SplitInfo) -> None:
