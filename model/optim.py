@@ -113,11 +113,12 @@ class SyncFreeLARS(torch_optimizer.LARS):
             torch._foreach_add_(d, grads)  # g + wd * p
             torch._foreach_mul_(d, torch.where(adapt, ratio, 1.0).unbind())
 
-        # 2. A skipped step: no direction, momentum factor 1, LR 0 (NaN * 0 would stay NaN).
-        step_lr = -lr
+        # 2. A skipped step: no direction (in place; NaN * 0 would stay NaN), momentum
+        #    factor 1, LR 0. No more temporaries than the parent: on a CPU they cost most.
         if ok is not None:
-            d = [torch.where(ok, x, 0.0) for x in d]
-            step_lr = torch.where(ok, -lr, 0.0)  # []
+            skip = ~ok  # []
+            for x in d:  # the decayed direction, or the no-decay group's gradients
+                x.masked_fill_(skip, 0.0)
 
         # 3. Momentum, then the parameters.
         update = d
@@ -126,7 +127,11 @@ class SyncFreeLARS(torch_optimizer.LARS):
             torch._foreach_mul_(bufs, momentum if ok is None else torch.where(ok, momentum, 1.0))
             torch._foreach_add_(bufs, d)
             update = torch._foreach_add(d, bufs, alpha=momentum) if group["nesterov"] else bufs
-        torch._foreach_add_(params, torch._foreach_mul(update, step_lr))
+        if ok is None:
+            torch._foreach_add_(params, update, alpha=-lr)
+        else:
+            step_lr = torch.where(ok, -lr, 0.0)  # []
+            torch._foreach_addcmul_(params, update, [step_lr] * len(params))
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]

@@ -274,7 +274,8 @@ class Bench:
         return row
 
     def loader(self, name: str, pipeline) -> tuple[Row, Batch]:
-        """Batches only; returns the row and the last batch (for its shapes)."""
+        """Batches only; returns the row and a synthetic copy of the last batch (made before
+        the loader may reuse that batch's memory)."""
         it = endless(pipeline, self.epoch)
         try:
             for _ in range(self.warmup):
@@ -285,10 +286,11 @@ class Bench:
             for _ in range(self.steps):
                 batch = next(it)
             seconds = self.clock.seconds(start, self.clock.mark())
+            fake = synthetic_like(batch)
         finally:
             it.close()
         row = Row(name, "loader", self.steps, seconds, host_peak_scope=scope)
-        return self.fill(row, batch), batch
+        return self.fill(row, fake), fake
 
     def train(self, name: str, kind: str, next_batch: Callable[[], Batch]) -> Row:
         """`warmup` then `steps` training steps; data-wait and the optimizer's share."""
@@ -298,7 +300,7 @@ class Bench:
         try:
             for i in range(self.warmup + self.steps):
                 if i == self.warmup:
-                    trainer.resolve_flags()  # the warm-up's deferred flag reads, untimed
+                    trainer.resolve_flags(wait_all=True)  # the warm-up's late flag reads
                     self.clock.sync()
                     scope = reset_peak_memory(self.device)
                     wait, start = 0.0, self.clock.mark()
@@ -312,7 +314,7 @@ class Bench:
             optimizer = timer.stop()
         finally:
             timer.close()
-        trainer.resolve_flags()
+        trainer.resolve_flags(wait_all=True)  # after the window: every flag read, acted on
         row = Row(name, kind, self.steps, seconds, host_peak_scope=scope)
         row.data_wait = min(wait / seconds, 1.0)
         row.optimizer = optimizer / seconds
@@ -442,9 +444,8 @@ def run_benchmark(
 
     # 1. The chosen loader alone; its last batch gives the model-alone batch its shapes.
     log.info("benchmark: loader alone (%s)", chosen)
-    row, last = bench.loader(f"loader alone: {chosen} (chosen)", pipeline)
+    row, fake = bench.loader(f"loader alone: {chosen} (chosen)", pipeline)
     rows.append(row)
-    fake = synthetic_like(last)
 
     # 2. The model alone on that synthetic on-device batch, then 3. the full training step.
     log.info("benchmark: model alone")
