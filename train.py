@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("error: %s", e)
             status = 1
         except OSError as e:  # a full disk or a lost mount while writing metrics or the plot
-            log.error("error: %s; last checkpoint: %s", e, trainer.last_checkpoint or "none")
+            kept = trainer.last_checkpoint or "none"
+            log.error("error: %s; last checkpoint: %s; fix it and rerun with --resume", e, kept)
             status = 1
         finally:
             pipeline.close()

@@ -70,8 +70,12 @@ def _fsync_dir(folder: Path) -> None:
 
 def _failure(path: Path, e: OSError) -> CheckpointError:
     survivor = f"the previous {path.name} is intact" if path.exists() else "no earlier one exists"
-    full = " (disk full)" if e.errno == errno.ENOSPC else ""
-    return CheckpointError(f"writing checkpoint {path} failed{full}: {e}; {survivor}")
+    full = e.errno == errno.ENOSPC
+    todo = "free some space" if full else "fix the cause"
+    return CheckpointError(
+        f"writing checkpoint {path} failed{' (disk full)' if full else ''}: {e}; {survivor}; "
+        f"{todo} and rerun with --resume"
+    )
 
 
 def atomic_save(obj: dict, path: str | Path) -> Path:
