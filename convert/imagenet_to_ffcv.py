@@ -67,8 +67,13 @@ def _make_writer_class():
     since validation, a full disk) hangs the conversion. This copy of ``_write_common`` fails
     instead, and always frees the shared metadata memory.
     """
+    import torch
+
+    threads = torch.get_num_threads()
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
+
+    torch.set_num_threads(threads)  # FFCV's compiler module sets it to 1 for the process
 
     class Writer(DatasetWriter):
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):

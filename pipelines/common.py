@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from convert.manifest import Manifest, ManifestError, load_manifest
+from convert.manifest import Manifest, ManifestError, check_files, load_manifest
 from pipelines.augment import ViewAug
 from pipelines.config import AugConfig, DataConfig
 from pipelines.errors import PipelineError
@@ -97,6 +97,15 @@ def load_train_split(data_dir: str | Path) -> Manifest:
     return manifest
 
 
+def check_format_files(data_dir: str | Path, manifest: Manifest, fmt: str) -> None:
+    """`PipelineError` unless format `fmt`'s files are all there at the sizes the converter
+    wrote (a truncated copy or a file from another conversion is caught before any read)."""
+    try:
+        check_files(data_dir, manifest, fmt)
+    except ManifestError as e:
+        raise PipelineError(str(e)) from None
+
+
 class EpochPipeline:
     """The shape of every training pipeline: ``len`` steps per epoch, `set_epoch`, `close`.
 
@@ -163,6 +172,7 @@ class TrainingPipeline(EpochPipeline):
         split = manifest.splits["train"]
         self.num_samples = split.num_samples
         self.labels_of = np.asarray(split.labels, dtype=np.int64)  # [N]
+        check_format_files(data_dir, manifest, self.backend)
         self._open(Path(data_dir), manifest)
 
         try:

@@ -21,9 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from convert.manifest import load_manifest
 from pipelines.augment import normalize, random_flip, seed_generator, stable_key
-from pipelines.common import FINETUNE, epoch_order
+from pipelines.common import FINETUNE, check_format_files, epoch_order, load_train_split
 from pipelines.config import AugConfig
 from pipelines.errors import PipelineError
 from pipelines.ffcv_ops import (
@@ -80,9 +79,10 @@ class _SplitLoader:
     ) -> None:
         if split not in SPLITS:
             raise PipelineError(f"split {split!r}: expected one of {SPLITS}")
-        manifest = load_manifest(data_dir)
+        manifest = load_train_split(data_dir)
         if split not in manifest.splits:
             raise PipelineError(f"{data_dir}: the dataset has no {split!r} split")
+        check_format_files(data_dir, manifest, "ffcv")
         info = manifest.splits[split]
         self.beton = Path(data_dir) / f"{split}.beton"
         check_beton(self.beton, info)

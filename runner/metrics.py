@@ -68,9 +68,18 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
 
     def read(self) -> list[dict]:
+        """Every record; a last line cut short (a full disk, a power loss) is dropped."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:  # damage before the end is not a cut-short write
+                    raise ValueError(f"{self.path}: line {i + 1} is not JSON ({e})") from e
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (written after the checkpoint a resumed run starts from)."""

@@ -97,6 +97,50 @@ def test_truncated_beton_stops_train_py_before_work_naming_the_file(
         assert not (out / "config.json").exists()  # a failed start leaves no run to refuse
 
 
+def test_truncated_files_stop_the_pipelines_and_eval_loaders_themselves(cifar_dataset, tmp_path):
+    """Not only train.py: anything that builds a pipeline or an eval loader checks sizes."""
+    from pipelines.config import AugConfig, DataConfig
+    from pipelines.dali_pipeline import DALIPipeline
+    from pipelines.errors import PipelineError
+    from pipelines.eval_loader import CenterCropLoader
+    from pipelines.ffcv_pipeline import FFCVPipeline
+
+    data = copy_dataset(cifar_dataset, tmp_path / "data")
+    for rel in ("train.beton", "val.beton", "shards/train-00000.tar"):
+        whole = (cifar_dataset / rel).read_bytes()
+        replace_file(data / rel, whole[:-100])  # FFCV reads a beton cut in its table silently
+    cfg, aug = DataConfig(data=str(data), batch_size=32), AugConfig(large_size=16, n_small=0)
+    for build in (
+        lambda: FFCVPipeline(str(data), cfg, aug, [], device="cpu"),
+        lambda: DALIPipeline(str(data), cfg, aug, [], device="cpu"),
+        lambda: CenterCropLoader(data, "val", None, aug),
+    ):
+        with pytest.raises(PipelineError, match="truncated or from another conversion"):
+            build()
+
+
+def test_converter_import_leaves_torch_threads_alone():
+    """FFCV's compiler module sets torch's thread count to 1 for the whole process."""
+    code = (
+        "import torch; torch.set_num_threads(2)\n"
+        "from convert import imagenet_to_ffcv; imagenet_to_ffcv._make_writer_class()\n"
+        "import pipelines.ffcv_pipeline\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "2"
+
+
+def test_metrics_cut_short_by_a_crash_do_not_block_resume(tmp_path):
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1") == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "epoch": 1, "l_uns')  # a write cut short
+    assert run_main(out, "--epochs", "2", "--resume") == 0
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
+
+
 def test_beton_of_another_dataset_stops_train_py_naming_the_file(cifar_dataset, tmp_path, capsys):
     data = copy_dataset(cifar_dataset, tmp_path / "data")
     replace_file(data / "train.beton", (cifar_dataset / "val.beton").read_bytes())
