@@ -124,8 +124,18 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     return Manifest.from_json(d, str(path))
 
 
-def check_files(data_dir: str | os.PathLike, manifest: Manifest, fmt: str) -> None:
-    """Checks that format `fmt`'s files are all there, each the size the converter wrote.
+def split_of_file(rel: str) -> str:
+    """The split a dataset file belongs to: ``train.beton`` and ``shards/train-00000.tar``
+    belong to ``train``."""
+    name = rel.removeprefix("shards/")
+    return name.removesuffix(".beton") if name.endswith(".beton") else name.split("-")[0]
+
+
+def check_files(
+    data_dir: str | os.PathLike, manifest: Manifest, fmt: str, split: str | None = None
+) -> None:
+    """Checks that format `fmt`'s files (of `split` only, if given) are all there, each the
+    size the converter wrote.
 
     Catches a truncated copy (an interrupted rsync, a full disk) or a file swapped in from
     another conversion before any work starts. Manifests written before sizes were recorded
@@ -141,6 +151,8 @@ def check_files(data_dir: str | os.PathLike, manifest: Manifest, fmt: str) -> No
         raise ManifestError(f"{data_dir / MANIFEST_NAME}: the dataset has no {fmt} files; {fix}")
     sizes = section.get("sizes", {})
     for rel in section.get("files", []):
+        if split is not None and split_of_file(rel) != split:
+            continue
         path = data_dir / rel
         if not path.is_file():
             raise ManifestError(f"{path}: missing ({fmt} file listed in {MANIFEST_NAME}); {fix}")

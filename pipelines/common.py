@@ -97,11 +97,12 @@ def load_train_split(data_dir: str | Path) -> Manifest:
     return manifest
 
 
-def check_format_files(data_dir: str | Path, manifest: Manifest, fmt: str) -> None:
-    """`PipelineError` unless format `fmt`'s files are all there at the sizes the converter
-    wrote (a truncated copy or a file from another conversion is caught before any read)."""
+def check_format_files(data_dir: str | Path, manifest: Manifest, fmt: str, split: str) -> None:
+    """`PipelineError` unless format `fmt`'s files of `split` are all there at the sizes the
+    converter wrote (a truncated copy or a file from another conversion is caught before any
+    read)."""
     try:
-        check_files(data_dir, manifest, fmt)
+        check_files(data_dir, manifest, fmt, split)
     except ManifestError as e:
         raise PipelineError(str(e)) from None
 
@@ -172,7 +173,7 @@ class TrainingPipeline(EpochPipeline):
         split = manifest.splits["train"]
         self.num_samples = split.num_samples
         self.labels_of = np.asarray(split.labels, dtype=np.int64)  # [N]
-        check_format_files(data_dir, manifest, self.backend)
+        check_format_files(data_dir, manifest, self.backend, "train")
         self._open(Path(data_dir), manifest)
 
         try:

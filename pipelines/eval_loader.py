@@ -82,7 +82,7 @@ class _SplitLoader:
         manifest = load_train_split(data_dir)
         if split not in manifest.splits:
             raise PipelineError(f"{data_dir}: the dataset has no {split!r} split")
-        check_format_files(data_dir, manifest, "ffcv")
+        check_format_files(data_dir, manifest, "ffcv", split)
         info = manifest.splits[split]
         self.beton = Path(data_dir) / f"{split}.beton"
         check_beton(self.beton, info)

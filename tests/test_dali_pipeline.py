@@ -164,7 +164,7 @@ def test_truncated_shard_is_a_clear_error(broken_copy):
     tar = sorted((broken_copy / "shards").glob("train-*.tar"))[-1]
     with open(tar, "r+b") as f:
         f.truncate(tar.stat().st_size // 2)
-    with pytest.raises(PipelineError, match=r"truncated shard.*imagenet_to_dali"):
+    with pytest.raises(PipelineError, match=r"train-\d+.tar: .*truncated.*imagenet_to_dali"):
         one_batch(broken_copy, AUG)
 
 
@@ -177,5 +177,5 @@ def test_missing_offsets_file_is_a_clear_error(broken_copy):
 def test_offsets_of_another_dataset_are_a_clear_error(broken_copy):
     path = broken_copy / "shards" / "train-offsets.npy"
     np.save(path, np.load(path)[:-5])
-    with pytest.raises(PipelineError, match=r"train-offsets.npy: shape"):
+    with pytest.raises(PipelineError, match=r"train-offsets.npy: .*(shape|another conversion)"):
         one_batch(broken_copy, AUG)
