@@ -18,6 +18,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra tests
 
+bench: setup
+	$(PY) bench/loaders.py --images imagenet
+	$(PY) bench/loaders.py --images cifar
+
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
