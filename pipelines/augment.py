@@ -1,9 +1,21 @@
 """Batched SimCLR/PAWS augmentation in plain torch: flip, colour jitter, grayscale, blur.
 
-Every sample draws its own parameters from a `torch.Generator` on the tensor's device, and
-"apply with probability p" is a per-sample mask folded into the parameters (an identity
-matrix, a delta kernel), so nothing here syncs with the host. It runs the same on CPU and CUDA
-and knows nothing of FFCV or DALI.
+Every sample draws its own parameters from a `torch.Generator` on the tensor's device, in a
+fixed order (`draw_params`). They are applied in one of two ways, with the same results:
+
+- masked (the default on CUDA): every image goes through every step, "apply with probability
+  p" folded into the parameters (an identity matrix, a delta kernel), so nothing syncs with
+  the host;
+- selected (the default on the CPU, where a host read is free): flip and blur touch only the
+  images whose coin says yes, and the batch goes through in cache-sized chunks, in place in
+  two float buffers: on this 2-core VM a fresh 38 MB tensor costs 4x the multiply that fills
+  it (page faults: 39 vs 9.5 ms), so temporaries the size of the batch are what cost most.
+
+The colour steps keep their maths but take few passes over the pixels: brightness and
+contrast become two clips of the pixel values and an affine map that joins saturation and hue
+in one 3x3 matrix per image (`color_jitter_`); grayscale and normalization, per-pixel linear
+maps that commute with the blur, are one more matrix at the end (`output_matrices`). It runs
+the same on CPU and CUDA and knows nothing of FFCV or DALI.
 
 Shapes: N images, H x W pixels; inputs are ``[N, H, W, 3]`` (HWC, as decoders write them).
 """
@@ -13,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +39,8 @@ RGB_TO_YIQ = (
 YIQ_TO_RGB = tuple(
     map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist())
 )
+CHUNK_BYTES = 8 << 20  # selected mode: float32 bytes of images per chunk (two such buffers)
+_TINY = 1e-12  # divisor floor: a zero brightness or contrast needs no clip
 
 
 @lru_cache(maxsize=64)
@@ -67,6 +82,63 @@ def blur_kernel_size(side: int) -> int:
     return max(3, k + 1 - k % 2)
 
 
+# ---------------------------------------------------------------------------- parameters
+
+
+class ViewParams(NamedTuple):
+    """Per-sample parameters of one batch, each ``[N]``; identity values where a coin says no."""
+
+    flip: torch.Tensor  # bool
+    jitter: torch.Tensor  # bool: colour jitter on
+    brightness: torch.Tensor  # 1 where jitter is off
+    contrast: torch.Tensor  # 1 where off
+    saturation: torch.Tensor  # 1 where off
+    hue: torch.Tensor  # in turns; 0 where off
+    gray: torch.Tensor  # bool
+    blur: torch.Tensor  # bool; all False when blur_p is 0
+    sigma: torch.Tensor  # blur sigma
+
+    def rows(self, part: slice) -> ViewParams:
+        """The parameters of images `part`."""
+        return ViewParams(*(t[part] for t in self))
+
+
+def _coin(n: int, p: float, device: torch.device, g: torch.Generator) -> torch.Tensor:
+    """Per-sample Bernoulli(p) as a bool tensor ``[n]``."""
+    return torch.rand(n, device=device, generator=g) < p
+
+
+def _uniform(n: int, lo: float, hi: float, device: torch.device, g: torch.Generator):
+    return torch.rand(n, device=device, generator=g) * (hi - lo) + lo  # [n]
+
+
+def draw_params(n: int, aug: ViewAug, g: torch.Generator, device: torch.device) -> ViewParams:
+    """Draws every image's parameters, always in this order: flip coins; jitter coins,
+    brightness, contrast, saturation, hue; grayscale coins; blur coins and sigmas (these two
+    only when ``blur_p > 0``)."""
+    flip = _coin(n, aug.flip_p, device, g)  # [N]
+
+    s = aug.color_strength
+    jitter = _coin(n, aug.color_p, device, g) & (s > 0)  # [N]
+    lo = max(0.0, 1 - 0.8 * s)
+    b, c, sat = (_uniform(n, lo, 1 + 0.8 * s, device, g) for _ in range(3))  # [N] each
+    hue = _uniform(n, -0.2 * s, 0.2 * s, device, g)  # [N], in turns
+    one = torch.ones_like(b)
+    b, c, sat = (torch.where(jitter, v, one) for v in (b, c, sat))
+    hue = torch.where(jitter, hue, torch.zeros_like(hue))
+
+    gray = _coin(n, aug.gray_p, device, g)  # [N]
+    if aug.blur_p > 0:
+        blur = _coin(n, aug.blur_p, device, g)  # [N]
+        sigma = _uniform(n, aug.blur_sigma[0], aug.blur_sigma[1], device, g)  # [N]
+    else:
+        blur, sigma = torch.zeros_like(flip), one
+    return ViewParams(flip, jitter, b, c, sat, hue, gray, blur, sigma)
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+
 def augment_views(
     x: torch.Tensor,
     aug: ViewAug,
@@ -74,6 +146,7 @@ def augment_views(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     dtype: torch.dtype = torch.float32,
+    select: bool | None = None,
 ) -> torch.Tensor:
     """Flips, jitters, grays and blurs a batch of crops, then normalizes.
 
@@ -83,25 +156,58 @@ def augment_views(
         generator: source of the per-sample parameters (on x's device).
         mean, std: per-channel normalization of [0, 1] values.
         dtype: floating type of the result.
+        select: work only on the images a coin picks, chunk by chunk (reads the coins on the
+            host); default: on the CPU only.
 
     Returns:
         ``[N, 3, H, W]`` in channels-last memory format, normalized, in `dtype`.
     """
     if x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"augment_views expects [N, H, W, 3], got {list(x.shape)}")
-    if x.dtype == torch.uint8:
-        x = x.float().mul_(1 / 255)  # [N, H, W, 3]
-    else:
-        x = x.float().contiguous()  # [N, H, W, 3]
-
-    x = random_flip(x, aug.flip_p, generator)
-    x = color_jitter(x, aug.color_strength, aug.color_p, generator)
-    x = random_grayscale(x, aug.gray_p, generator)
+    n, h, w, _ = x.shape
+    select = x.device.type == "cpu" if select is None else select
+    p = draw_params(n, aug, generator, x.device)
+    kern = None
     if aug.blur_p > 0:
-        k = aug.blur_kernel or blur_kernel_size(min(x.shape[1], x.shape[2]))
-        x = random_blur(x, aug.blur_p, aug.blur_sigma, k, generator)
+        kern = blur_kernels(p.blur, p.sigma, blur_side(aug, h, w), masked=not select)  # [N, k]
+    color = color_matrices(p)  # [N, 3, 3]
+    final, shift = output_matrices(p.gray, mean, std)  # [N, 3, 3], [3]
+    peak = 255.0 if x.dtype == torch.uint8 else 1.0
 
-    return normalize(x, mean, std, dtype)  # [N, 3, H, W]
+    out = torch.empty(n, h, w, 3, device=x.device)  # [N, H, W, 3] float32
+    step = max(1, CHUNK_BYTES // (h * w * 12)) if select else max(1, n)
+    work = torch.empty(min(step, n), h, w, 3, device=x.device)  # [n, H, W, 3]
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        y = out[part]  # [n, H, W, 3], a view of the result
+        load_(y, x[part], p.flip[part], select)  # values in [0, peak]
+        z = work[: y.shape[0]]  # [n, H, W, 3]
+        color_jitter_(y, z, p.rows(part), color[part], peak)  # z: in [0, 1]
+        if kern is not None:
+            z = blur_(z, p.blur[part], kern[part], select)
+        apply_color_matrix(z, final[part], shift, out=y)  # grayscale and normalize
+    return out.to(dtype).permute(0, 3, 1, 2)  # [N, 3, H, W], channels-last strides
+
+
+def load_(dst: torch.Tensor, src: torch.Tensor, flip: torch.Tensor, select: bool) -> None:
+    """dst = src as float (values unchanged), each image mirrored left-right where `flip`.
+
+    dst: ``[N, H, W, 3]`` float32; src: the same shape, any dtype; flip: ``[N]`` bool.
+    """
+    if not select:
+        dst.copy_(torch.where(flip[:, None, None, None], src.flip(2), src))  # [N, H, W, 3]
+        return
+    dst.copy_(src)
+    for i in flip.nonzero().flatten().tolist():
+        dst[i].copy_(src[i].flip(1))  # [H, W, 3]
+
+
+def random_flip(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Mirrors each image left-right with probability p. x: ``[N, H, W, 3]``."""
+    flip = _coin(x.shape[0], p, x.device, g)  # [N]
+    if p <= 0:
+        return x
+    return torch.where(flip[:, None, None, None], x.flip(2), x)  # [N, H, W, 3]
 
 
 def normalize(
@@ -120,55 +226,59 @@ def normalize(
     return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # [N, 3, H, W]
 
 
-def _coin(n: int, p: float, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Per-sample Bernoulli(p) as a bool tensor ``[n]`` on x's device."""
-    return torch.rand(n, device=x.device, generator=g) < p
+# -------------------------------------------------------------------------------- colour
 
 
-def _uniform(n: int, lo: float, hi: float, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, device=x.device, generator=g) * (hi - lo) + lo  # [n]
+def color_jitter_(
+    x: torch.Tensor, out: torch.Tensor, p: ViewParams, color: torch.Tensor, peak: float
+) -> None:
+    """Brightness, contrast, then saturation and hue; x in [0, peak] -> out in [0, 1].
 
+    The maths of the sequence y = clip(b x / peak); y = clip(c y + (1 - c) mean_gray(y));
+    y = clip(M y) (clip: to [0, 1]; M = `color`), in three passes and a mean: brightness's
+    clip is x clipped at peak / b; contrast's clip is x clipped to [lo, hi]; both scales join
+    M, so out = clip(g M x + (1 - c) m M 1) with g = c b / peak. x is clipped in place.
 
-def random_flip(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """Mirrors each image left-right with probability p. x: ``[N, H, W, 3]``."""
-    flip = _coin(x.shape[0], p, x, g)  # [N]
-    if p <= 0:
-        return x
-    return torch.where(flip[:, None, None, None], x.flip(2), x)  # [N, H, W, 3]
-
-
-def color_jitter(x: torch.Tensor, s: float, p: float, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue jitter of strength s, each image with prob. p.
-
-    The order is fixed (brightness, contrast, saturation + hue); saturation and hue are one
-    3x3 matrix per image (hue rotates the IQ plane of YIQ), with one clamp after both.
-    x: ``[N, H, W, 3]`` in [0, 1].
+    x, out: ``[N, H, W, 3]`` float32; p: the images' parameters; color: ``[N, 3, 3]``.
     """
-    n = x.shape[0]
-    on = _coin(n, p, x, g)  # [N]
-    b = _uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, x, g)  # [N]
-    c = _uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, x, g)  # [N]
-    sat = _uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, x, g)  # [N]
-    hue = _uniform(n, -0.2 * s, 0.2 * s, x, g)  # [N], in turns
-    one = torch.ones_like(b)
-    b, c, sat = torch.where(on, b, one), torch.where(on, c, one), torch.where(on, sat, one)
-    hue = torch.where(on, hue, torch.zeros_like(hue))
-    if p <= 0 or s <= 0:
-        return x
+    b, c = p.brightness, p.contrast  # [N]
 
-    # 1. Brightness: scale.
-    x = (x * b[:, None, None, None]).clamp_(0, 1)  # [N, H, W, 3]
+    # 1. Brightness: clip(b x / peak) = b / peak * (x clipped at peak / b); x >= 0.
+    x.clamp_(max=(peak / b.clamp_min(_TINY))[:, None, None, None])
 
-    # 2. Contrast: blend with the image's mean gray level.
-    luma = _const(LUMA, x.device)  # [3]
-    gray_mean = (x @ luma).mean(dim=(1, 2))  # [N]
-    cc = c[:, None, None, None]
-    x = (x * cc + (1 - cc) * gray_mean[:, None, None, None]).clamp_(0, 1)  # [N, H, W, 3]
+    # 2. Contrast: clip(g x + offset), with m the mean gray level of the brightened image,
+    #    = g * (x clipped to [-offset / g, (1 - offset) / g]) + offset.
+    m = (x.mean(dim=(1, 2)) @ _const(LUMA, x.device)) * (b / peak)  # [N]
+    gain, offset = c * b / peak, (1 - c) * m  # [N]
+    safe = gain.clamp_min(_TINY)  # [N]
+    lo, hi = (-offset / safe).clamp_min(0), (1 - offset) / safe  # [N]
+    # (two one-sided clips: on the CPU 3x faster than one clip with tensors for both bounds)
+    x.clamp_(min=lo[:, None, None, None]).clamp_(max=hi[:, None, None, None])
 
-    # 3. Saturation and hue: one colour matrix per image, identity where jitter is off.
-    m = _hue_matrix(hue) @ _saturation_matrix(sat, luma)  # [N, 3, 3]
-    m = torch.where(on[:, None, None], m, torch.eye(3, device=x.device).expand_as(m))
-    return apply_color_matrix(x, m).clamp_(0, 1)  # [N, H, W, 3]
+    # 3. Saturation and hue: M (g x + offset) = g M x + offset M 1, then the clip.
+    apply_color_matrix(x, gain[:, None, None] * color, offset[:, None] * color.sum(2), out=out)
+    out.clamp_(0, 1)
+
+
+def color_matrices(p: ViewParams) -> torch.Tensor:
+    """Saturation then hue as one ``[N, 3, 3]`` matrix per image, identity where jitter is off."""
+    luma = _const(LUMA, p.hue.device)  # [3]
+    m = _hue_matrix(p.hue) @ _saturation_matrix(p.saturation, luma)  # [N, 3, 3]
+    eye = torch.eye(3, device=m.device).expand_as(m)  # [N, 3, 3]
+    return torch.where(p.jitter[:, None, None], m, eye)
+
+
+def output_matrices(
+    gray: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grayscale (where `gray` ``[N]``: the luma on all three channels), then normalization:
+    ``[N, 3, 3]`` matrices and a ``[3]`` shift, out = matrix @ pixel + shift."""
+    scale = _const(tuple(1 / v for v in std), gray.device)  # [3]
+    shift = _const(tuple(-m / v for m, v in zip(mean, std, strict=True)), gray.device)  # [3]
+    luma = _const(LUMA, gray.device).expand(3, 3)  # [3, 3]: every output channel is the luma
+    eye = torch.eye(3, device=gray.device)  # [3, 3]
+    m = torch.where(gray[:, None, None], luma, eye)  # [N, 3, 3]
+    return scale[:, None] * m, shift
 
 
 def _saturation_matrix(sat: torch.Tensor, luma: torch.Tensor) -> torch.Tensor:
@@ -192,20 +302,34 @@ def _hue_matrix(hue: torch.Tensor) -> torch.Tensor:
     return t_inv @ rot @ t  # [N, 3, 3]
 
 
-def apply_color_matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """out[n, h, w, :] = m[n] @ x[n, h, w, :]. x: ``[N, H, W, 3]``, m: ``[N, 3, 3]``."""
+def apply_color_matrix(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[n, h, w, :] = m[n] @ x[n, h, w, :] (+ shift). x: ``[N, H, W, 3]``, m: ``[N, 3, 3]``,
+    shift: ``[N, 3]`` or ``[3]``; out: a contiguous ``[N, H, W, 3]`` float32 to write into.
+
+    Runs as a product of rows of g pixels with kron(I_g, m[n]^T), ``[3g, 3g]``: on the CPU
+    that (g = 8) is 4-10x faster than the 3-wide batched product, for g times the MACs.
+    """
     n, h, w, _ = x.shape
-    y = torch.bmm(x.reshape(n, h * w, 3), m.transpose(1, 2))  # [N, H*W, 3]
+    g = next(d for d in (8, 4, 2, 1) if (h * w) % d == 0)
+    eye = torch.eye(g, device=x.device)  # [g, g]
+    blocks = eye[None, :, None, :, None] * m.transpose(1, 2)[:, None, :, None, :]
+    blocks = blocks.reshape(n, 3 * g, 3 * g)  # [N, 3g, 3g]
+    rows = x.reshape(n, h * w // g, 3 * g)  # [N, H*W/g, 3g]
+    dst = None if out is None else out.view(n, h * w // g, 3 * g)
+    if shift is None:
+        y = torch.bmm(rows, blocks, out=dst)  # [N, H*W/g, 3g]
+    else:
+        tiled = shift.repeat(*[1] * (shift.dim() - 1), g)[..., None, :]  # [N, 1, 3g] or [1, 3g]
+        y = torch.baddbmm(tiled, rows, blocks, out=dst)  # [N, H*W/g, 3g]
     return y.view(n, h, w, 3)
 
 
-def random_grayscale(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """Replaces each image by its luma on all three channels with probability p."""
-    on = _coin(x.shape[0], p, x, g)  # [N]
-    if p <= 0:
-        return x
-    gray = (x @ _const(LUMA, x.device))[..., None].expand_as(x)  # [N, H, W, 3]
-    return torch.where(on[:, None, None, None], gray, x)  # [N, H, W, 3]
+# ---------------------------------------------------------------------------------- blur
 
 
 def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
@@ -213,6 +337,24 @@ def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
     t = torch.arange(k, device=sigma.device, dtype=torch.float32) - (k - 1) / 2  # [k]
     w = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))  # [N, k]
     return w / w.sum(dim=1, keepdim=True)
+
+
+def blur_side(aug: ViewAug, h: int, w: int) -> int:
+    """The blur kernel's side for ``h x w`` images; raises if it does not fit them."""
+    k = aug.blur_kernel or blur_kernel_size(min(h, w))
+    if k // 2 >= min(h, w):  # reflect padding needs pad < side
+        raise ValueError(f"blur kernel {k} too large for {h}x{w} images")
+    return k
+
+
+def blur_kernels(on: torch.Tensor, sigma: torch.Tensor, k: int, masked: bool) -> torch.Tensor:
+    """Gaussians of side k, one per sigma ``[N]``; with `masked`, a delta where `on` is False."""
+    kern = gaussian_kernels(sigma, k)  # [N, k]
+    if masked:
+        delta = torch.zeros_like(kern)
+        delta[:, k // 2] = 1
+        kern = torch.where(on[:, None], kern, delta)  # [N, k]
+    return kern
 
 
 @lru_cache(maxsize=16)
@@ -234,28 +376,76 @@ def blur_matrices(kern: torch.Tensor, n: int) -> torch.Tensor:
     return kern.new_zeros(kern.shape[0], n, n).scatter_add_(2, idx, taps)  # [N, n, n]
 
 
-def random_blur(
-    x: torch.Tensor, p: float, sigma: tuple[float, float], k: int, g: torch.Generator
-) -> torch.Tensor:
-    """Separable Gaussian blur, sigma per image, each image with probability p.
+def blur_images(x: torch.Tensor, kern: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Separable Gaussian blur, kernel kern[n] ``[N, k]`` on image n of x ``[N, H, W, 3]``.
 
-    Each direction is one batched matmul with a banded matrix per image (reflect padding
-    built in; a delta kernel where the coin says no): on 2 CPU cores this beat a grouped
-    convolution 1.5x, and it needs no NCHW copy. x: ``[N, H, W, 3]``.
+    Each direction is a few batched matmuls with blocks of a banded matrix per image (reflect
+    padding built in), `block` outputs at a time over the inputs their taps reach; along the
+    rows the block is kron(block, I_3) on the HWC rows, so no direction needs a transposed
+    copy. On the CPU (224 px, k = 23) this is 1.3x faster than the whole banded matrix (O(H)
+    MACs per pixel) with transposes, which beat a grouped convolution on NCHW copies and k
+    shifted multiply-adds; a depthwise convolution with the images as channels won only with
+    16+ images at once. Returns a new ``[N, H, W, 3]``.
     """
     n, h, w, _ = x.shape
-    on = _coin(n, p, x, g)  # [N]
-    sig = _uniform(n, sigma[0], sigma[1], x, g)  # [N]
+    p = kern.shape[1] // 2
+    rows = x.reshape(n, h, w * 3)  # [N, H, W*3]
+
+    # 1. Down the columns: out[:, i] = sum_j M[i, j] x[:, j], M [N, H, H].
+    m = blur_matrices(kern, h)  # [N, H, H]
+    mid = torch.empty_like(rows)  # [N, H, W*3]
+    for start, stop, lo, hi in _bands(h, p, block):
+        torch.bmm(m[:, start:stop, lo:hi], rows[:, lo:hi], out=mid[:, start:stop])
+
+    # 2. Along the rows: pixel j of a row is columns 3j..3j+2, so M^T becomes kron(M^T, I_3).
+    m = blur_matrices(kern, w).transpose(1, 2)  # [N, W (in), W (out)]
+    eye = torch.eye(3, device=x.device)  # [3, 3]
+    out = torch.empty_like(rows)  # [N, H, W*3]
+    for start, stop, lo, hi in _bands(w, p, block):
+        band = m[:, lo:hi, None, start:stop, None] * eye[:, None, :]  # [N, hi-lo, 3, n_out, 3]
+        band = band.reshape(n, 3 * (hi - lo), 3 * (stop - start))  # [N, 3*(hi-lo), 3*n_out]
+        torch.bmm(mid[:, :, 3 * lo : 3 * hi], band, out=out[:, :, 3 * start : 3 * stop])
+    return out.view(n, h, w, 3)
+
+
+def _bands(n: int, p: int, block: int) -> list[tuple[int, int, int, int]]:
+    """Blocks of `block` outputs of a length-n signal, (start, stop, lo, hi): outputs
+    [start, stop) of a (2p + 1)-tap window with reflect padding read only inputs [lo, hi)."""
+    return [
+        (s, min(n, s + block), max(0, s - p), min(n, s + block + p)) for s in range(0, n, block)
+    ]
+
+
+def blur_(x: torch.Tensor, on: torch.Tensor, kern: torch.Tensor, select: bool) -> torch.Tensor:
+    """Blurs the images of x ``[N, H, W, 3]`` where `on` ``[N]``, with kern ``[N, k]``.
+
+    Selected: only those images, written back into x. Masked: every image, kern holding a
+    delta where `on` is False; returns a new tensor.
+    """
+    if not select:  # on a GPU: bigger blocks, fewer kernel launches
+        return blur_images(x, kern, block=64)  # [N, H, W, 3]
+    idx = on.nonzero().flatten()  # [n_on]
+    if idx.numel():
+        x[idx] = blur_images(x[idx], kern[idx])  # [n_on, H, W, 3]
+    return x
+
+
+def random_blur(
+    x: torch.Tensor,
+    p: float,
+    sigma: tuple[float, float],
+    k: int,
+    g: torch.Generator,
+    select: bool | None = None,
+) -> torch.Tensor:
+    """Separable Gaussian blur, sigma per image, each image with probability p; draws as
+    `draw_params` does (coins, then sigmas). x: ``[N, H, W, 3]`` float, left unchanged."""
+    n, h, w, _ = x.shape
+    on = _coin(n, p, x.device, g)  # [N]
+    sig = _uniform(n, sigma[0], sigma[1], x.device, g)  # [N]
     if p <= 0:
         return x
-    if k // 2 >= min(h, w):  # reflect padding needs pad < side
-        raise ValueError(f"blur kernel {k} too large for {h}x{w} images")
-    kern = gaussian_kernels(sig, k)  # [N, k]
-    delta = torch.zeros_like(kern)
-    delta[:, k // 2] = 1
-    kern = torch.where(on[:, None], kern, delta)  # [N, k]
-
-    rows = torch.bmm(blur_matrices(kern, h), x.reshape(n, h, w * 3))  # [N, H, W*3]
-    cols = rows.view(n, h, w, 3).transpose(1, 2).reshape(n, w, h * 3)  # [N, W, H*3]
-    cols = torch.bmm(blur_matrices(kern, w), cols)  # [N, W, H*3]
-    return cols.view(n, w, h, 3).transpose(1, 2)  # [N, H, W, 3]
+    k = blur_side(ViewAug(blur_kernel=k), h, w)
+    select = x.device.type == "cpu" if select is None else select
+    kern = blur_kernels(on, sig, k, masked=not select)  # [N, k]
+    return blur_(x.clone() if select else x, on, kern, select)  # [N, H, W, 3]

@@ -1,16 +1,37 @@
-"""Batched device augmentation (pipelines/augment.py), on its own: no FFCV, no DALI."""
+"""Batched device augmentation (pipelines/augment.py), on its own: no FFCV, no DALI.
+
+Both ways of applying the parameters are tested on the CPU: `select=True` (the CPU's
+default: only the images a coin picks, chunk by chunk) and `select=False` (the masked path,
+CUDA's default, which must read nothing back from the device).
+"""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_optim import HostReadProbe
 
-from pipelines.augment import ViewAug, augment_views, gaussian_kernels, random_blur, seed_generator
+import pipelines.augment as augment
+from pipelines.augment import (
+    LUMA,
+    RGB_TO_YIQ,
+    YIQ_TO_RGB,
+    ViewAug,
+    augment_views,
+    blur_kernel_size,
+    draw_params,
+    gaussian_kernels,
+    random_blur,
+    seed_generator,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OFF = ViewAug(flip_p=0.0, color_p=0.0, gray_p=0.0, blur_p=0.0)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SELECT = pytest.mark.parametrize("select", [True, False], ids=["selected", "masked"])
 
 
 def images(n: int = 8, side: int = 32, seed: int = 0) -> torch.Tensor:
@@ -26,10 +47,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)  # [n, 3, S, S]
 
 
+@SELECT
 @pytest.mark.parametrize("device", DEVICES)
-def test_zero_probabilities_are_identity(device):
+def test_zero_probabilities_are_identity(device, select):
     x = images().to(device)
-    out = augment_views(x, OFF, seed_generator(device, 0), MEAN, STD)
+    out = augment_views(x, OFF, seed_generator(device, 0), MEAN, STD, select=select)
     torch.testing.assert_close(out.cpu(), normalize(x.cpu()), rtol=1e-5, atol=1e-5)
 
 
@@ -60,17 +82,20 @@ def test_each_sample_gets_its_own_parameters():
     assert (off_diagonal > 1e-3).all()
 
 
-def test_grayscale_with_p1_gives_equal_channels():
-    aug = ViewAug(flip_p=0.5, color_p=1.0, gray_p=1.0, blur_p=0.0)
-    out = augment_views(images(), aug, seed_generator("cpu", 3), (0, 0, 0), (1, 1, 1))
+@SELECT
+def test_grayscale_with_p1_gives_equal_channels(select):
+    aug = ViewAug(flip_p=0.5, color_p=1.0, gray_p=1.0, blur_p=0.5)
+    g = seed_generator("cpu", 3)
+    out = augment_views(images(), aug, g, (0, 0, 0), (1, 1, 1), select=select)
     torch.testing.assert_close(out[:, 0], out[:, 1], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[:, 0], out[:, 2], rtol=0, atol=1e-6)
 
 
-def test_flip_with_p1_mirrors_every_image():
+@SELECT
+def test_flip_with_p1_mirrors_every_image(select):
     x = images()
     aug = ViewAug(flip_p=1.0, color_p=0.0, gray_p=0.0, blur_p=0.0)
-    out = augment_views(x, aug, seed_generator("cpu", 4), MEAN, STD)
+    out = augment_views(x, aug, seed_generator("cpu", 4), MEAN, STD, select=select)
     torch.testing.assert_close(out, normalize(x).flip(-1), rtol=1e-5, atol=1e-5)
 
 
@@ -84,9 +109,10 @@ def test_same_seed_gives_same_output_and_new_seed_differs():
     assert not torch.equal(a, c)
 
 
-def test_blur_matches_per_image_reflect_convolution():
+@SELECT
+def test_blur_matches_per_image_reflect_convolution(select):
     x = torch.rand(4, 20, 28, 3)
-    out = random_blur(x, 1.0, (0.5, 2.0), 7, seed_generator("cpu", 5))
+    out = random_blur(x, 1.0, (0.5, 2.0), 7, seed_generator("cpu", 5), select=select)
 
     # Reference: the same sigmas (same generator draws), one conv2d per image.
     g = seed_generator("cpu", 5)
@@ -113,3 +139,64 @@ def test_bfloat16_output():
     out = augment_views(images(), ViewAug(), seed_generator("cpu", 8), MEAN, STD, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------- against the step-by-step definition
+
+
+def reference_view(img: torch.Tensor, p, i: int, k: int) -> torch.Tensor:
+    """Image i ``[H, W, 3]`` (uint8, or float in [0, 1]) augmented one step at a time, as
+    the augmentation is defined, with its drawn parameters p: ``[3, H, W]``."""
+    luma = torch.tensor(LUMA)  # [3]
+    u = img.float() / 255 if img.dtype == torch.uint8 else img.clone()  # [H, W, 3]
+    if p.flip[i]:
+        u = u.flip(1)
+    if p.jitter[i]:
+        b, c, s, hue = p.brightness[i], p.contrast[i], p.saturation[i], p.hue[i]
+        u = (u * b).clamp(0, 1)
+        u = (c * u + (1 - c) * (u @ luma).mean()).clamp(0, 1)
+        u = s * u + (1 - s) * (u @ luma)[..., None]  # saturation: blend with the gray image
+        yiq = u @ torch.tensor(RGB_TO_YIQ).T  # [H, W, 3]: hue rotates the (I, Q) plane
+        cos, sin = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
+        i_, q_ = yiq[..., 1].clone(), yiq[..., 2].clone()
+        yiq[..., 1], yiq[..., 2] = cos * i_ - sin * q_, sin * i_ + cos * q_
+        u = (yiq @ torch.tensor(YIQ_TO_RGB).T).clamp(0, 1)
+    if p.gray[i]:
+        u = (u @ luma)[..., None].expand(-1, -1, 3)
+    u = u.permute(2, 0, 1)  # [3, H, W]
+    if p.blur[i]:
+        kern = gaussian_kernels(p.sigma[i : i + 1], k)[0]  # [k]
+        k2 = (kern[:, None] * kern[None, :]).expand(3, 1, k, k)  # [3, 1, k, k]
+        padded = F.pad(u[None], (k // 2,) * 4, mode="reflect")  # [1, 3, H+k-1, W+k-1]
+        u = F.conv2d(padded, k2, groups=3)[0]  # [3, H, W]
+    return (u - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+@SELECT
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=["uint8", "float"])
+@pytest.mark.parametrize("strength", [1.0, 1.5])
+def test_views_match_step_by_step_definition(select, dtype, strength, monkeypatch):
+    # Noise and smooth images, so brightness and contrast clip often; every coin mixed; chunks
+    # of 5 images in the selected path (the last one partial).
+    monkeypatch.setattr(augment, "CHUNK_BYTES", 5 * 40 * 40 * 12)
+    noise = torch.randint(0, 256, (12, 40, 40, 3), generator=torch.Generator().manual_seed(0))
+    x = torch.cat([noise.to(torch.uint8), images(11, 40)])  # [23, 40, 40, 3]
+    if dtype != torch.uint8:
+        x = x.float() / 255
+    aug = ViewAug(color_strength=strength, color_p=0.7, gray_p=0.3, blur_p=0.5)
+    out = augment_views(x, aug, seed_generator("cpu", 9), MEAN, STD, select=select)
+
+    p = draw_params(len(x), aug, seed_generator("cpu", 9), torch.device("cpu"))
+    assert 0 < p.flip.sum() < len(x) and 0 < p.jitter.sum() < len(x)
+    assert 0 < p.gray.sum() < len(x) and 0 < p.blur.sum() < len(x)
+    k = blur_kernel_size(40)
+    ref = torch.stack([reference_view(x[i], p, i, k) for i in range(len(x))])  # [23, 3, 40, 40]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+def test_masked_path_reads_nothing_on_the_host():
+    x = images(6, 24)
+    aug = ViewAug(color_p=0.5, gray_p=0.5, blur_p=0.5)
+    with HostReadProbe() as probe:
+        augment_views(x, aug, seed_generator("cpu", 10), MEAN, STD, select=False)
+    assert probe.reads == []
