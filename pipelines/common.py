@@ -171,6 +171,7 @@ class TrainingPipeline(EpochPipeline):
         # 1. The manifest and the backend's files must describe the same samples.
         manifest = load_train_split(data_dir)
         split = manifest.splits["train"]
+        self.data_dir, self._split = Path(data_dir), split
         self.num_samples = split.num_samples
         self.labels_of = np.asarray(split.labels, dtype=np.int64)  # [N]
         check_format_files(data_dir, manifest, self.backend, "train")
@@ -222,6 +223,11 @@ class TrainingPipeline(EpochPipeline):
             per_rank_classes=d.per_rank_classes,
             seed=self.seed,
         )
+
+    @property
+    def train_fingerprint(self) -> str:
+        """The manifest's fingerprint of the train split (its files and labels)."""
+        return self._split.fingerprint()
 
     # ---- orders: pure functions of (seed, epoch, rank) ----
 
