@@ -1,15 +1,17 @@
 """FFCV backend: train.beton -> multi-crop `Batch`es on the device.
 
-Two FFCV loaders read the same ``train.beton``:
+Two streams, both cut by the same multi-crop kernel (`pipelines.ffcv_ops`):
 
-- unlabeled: every training image once per epoch in a fresh order (each rank a disjoint
-  part), ``n_large`` large and ``n_small`` small crops per image;
-- labeled: the `StratifiedSampler`'s batches (C classes x K images, in the sampler's order)
-  through a fixed traversal order, ``n_supervised_views`` large crops per image, as many
-  batches as unlabeled steps.
+- unlabeled: an FFCV loader over ``train.beton``: every training image once per epoch in a
+  fresh order (each rank a disjoint part), ``n_large`` large and ``n_small`` small crops per
+  image, each image decoded once by CPU worker threads (`MultiCropDecoder`);
+- labeled: the `StratifiedSampler`'s batches (C classes x K images, in the sampler's order),
+  ``n_supervised_views`` large crops per image, as many batches as unlabeled steps, cut from
+  the labeled store (`pipelines.labeled_store`: the labeled images decoded once into raw
+  pixels, built on first use in ``DATA/cache/``) by `pipelines.ffcv_store.StoreCrops` in a
+  background thread, so a labeled image costs crops only, not a JPEG decode per visit.
 
-CPU worker threads decode each image once and cut all its crops (`MultiCropDecoder`); the
-uint8 crops travel to the device in one copy per batch, where flips, colour jitter,
+The uint8 crops travel to the device in one copy per batch, where flips, colour jitter,
 grayscale, blur and normalization run batched (`pipelines.augment`). Crop boxes and device
 augmentation are pure functions of (seed, epoch, rank): `set_epoch` picks the epoch, and
 iterating again without it repeats the same epoch, as with torch's DistributedSampler.
@@ -35,13 +37,15 @@ from pipelines.ffcv_ops import (
     leave_torch_threads_alone,
     unpack_rows,
 )
+from pipelines.ffcv_store import StoreCrops, beton_store
 
 FIELDS = ("image", "label", "index")
 __all__ = ["FFCVPipeline", "check_beton", "LABELED", "UNLABELED"]  # the tags: for bench/loaders.py
 
 
-def check_beton(path: Path, split: SplitInfo) -> None:
-    """Raises `PipelineError` unless `path` is an FFCV file holding exactly `split`.
+def check_beton(path: Path, split: SplitInfo):
+    """Its `ffcv.reader.Reader`; raises `PipelineError` unless `path` is an FFCV file holding
+    exactly `split`.
 
     Checks the fields, the sample count, that field ``index`` is 0..N-1 and that field
     ``label`` equals the manifest's labels (a content fingerprint of the labels).
@@ -77,6 +81,7 @@ def check_beton(path: Path, split: SplitInfo) -> None:
             f"{path}: labels differ from manifest.json (first at sample {bad}); "
             "the file and manifest are from different conversions"
         )
+    return reader
 
 
 class FFCVPipeline(TrainingPipeline):
@@ -89,7 +94,7 @@ class FFCVPipeline(TrainingPipeline):
 
     def _open(self, data_dir: Path, manifest: Manifest) -> None:
         self.beton = data_dir / "train.beton"
-        check_beton(self.beton, manifest.splits["train"])
+        self.reader = check_beton(self.beton, manifest.splits["train"])
 
     def _build(self) -> None:
         self.labels_on_device = torch.from_numpy(self.labels_of).to(self.device)  # [N]
@@ -100,15 +105,21 @@ class FFCVPipeline(TrainingPipeline):
         self.unlabeled_loader = self._loader(
             self.unlabeled_decoder, self.data.batch_size, self.unlabeled_order, self.data.drop_last
         )
-        self.labeled_loader = self.labeled_decoder = None
+        self.labeled_crops = self.labeled_decoder = None
         if self.sampler is not None:
-            self.labeled_decoder = _decoder(self.labeled_groups)
-            self.labeled_loader = self._loader(
-                self.labeled_decoder, self.sampler.batch_size, self._labeled_order, True
+            store = beton_store(
+                self.beton, self.reader, self.data_dir, self.data.cache_dir,
+                self.train_fingerprint, self.labeled,
+            )  # fmt: skip
+            self.labeled_crops = StoreCrops(
+                store,
+                self.reader.metadata_type,
+                list(self.reader.handlers).index("image"),
+                self.num_samples,
+                _views_of(self.labeled_groups),
+                self.data.num_workers,
             )
-
-    def _labeled_order(self, epoch: int) -> np.ndarray:
-        return self.labeled_batches(epoch).reshape(-1)  # [steps * C * K]
+            self.labeled_decoder = self.labeled_crops.decoder
 
     def _loader(
         self,
@@ -136,33 +147,43 @@ class FFCVPipeline(TrainingPipeline):
     # ---- public interface ----
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch
+        g = seed_generator(self.device, self.seed, self.epoch, self.rank)
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        steps = self.host_batches()
+        try:
+            for rows, labeled_rows in steps:
+                views, indices = self._views(rows, self.unlabeled_decoder, self.unlabeled_groups, g)
+                labeled_views, labels, labeled_indices = [], empty, empty
+                if labeled_rows is not None:
+                    groups = self.labeled_groups
+                    labeled_views, labeled_indices = self._views(
+                        labeled_rows, self.labeled_decoder, groups, g
+                    )
+                    labels = self.labels_on_device[labeled_indices]  # [C*K], by delivered index
+                yield Batch(views, labeled_views, labels, indices, labeled_indices)
+        finally:
+            steps.close()
+
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One epoch (at self.epoch) of the decoders' uint8 rows before any device work:
+        per step (unlabeled ``[B, T]``, labeled ``[C*K, T_l]`` or None); also what
+        bench/loaders.py times as host-side work. Each pair is valid until the next."""
         unlabeled = self._start(self.unlabeled_loader, self.unlabeled_decoder, UNLABELED)
         labeled = None
-        if self.labeled_loader is not None:
-            labeled = self._start(self.labeled_loader, self.labeled_decoder, LABELED)
-        g = seed_generator(self.device, self.seed, epoch, self.rank)
-        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        if self.labeled_crops is not None:
+            key = stable_key(self.seed, self.epoch, self.rank, LABELED)
+            labeled = self.labeled_crops.epoch(self.labeled_batches(self.epoch), key)
         try:
             for _ in range(self.steps):
                 (rows,) = next(unlabeled)
-                views, indices = self._views(rows, self.unlabeled_decoder, self.unlabeled_groups, g)
-                labeled_views, labels, labeled_indices = [], empty, empty
-                if labeled is not None:
-                    (rows,) = next(labeled)
-                    groups = self.labeled_groups
-                    labeled_views, labeled_indices = self._views(
-                        rows, self.labeled_decoder, groups, g
-                    )
-                    labels = self.labels_on_device[labeled_indices]  # [C*K]
-                yield Batch(views, labeled_views, labels, indices, labeled_indices)
+                yield rows, None if labeled is None else next(labeled)
         finally:
             unlabeled.close()
             if labeled is not None:
                 labeled.close()
 
     def close(self) -> None:
-        self.unlabeled_loader = self.labeled_loader = None
+        self.unlabeled_loader = self.labeled_crops = None
 
     # ---- helpers ----
 
@@ -194,6 +215,11 @@ class FFCVPipeline(TrainingPipeline):
         return views, indices
 
 
+def _views_of(groups: list[ViewGroup]) -> list[tuple[int, tuple[float, float]]]:
+    """(size, scale) of every view of `groups`, in order."""
+    return [(g.size, g.scale) for g in groups for _ in range(g.n)]
+
+
 def _decoder(groups: list[ViewGroup]) -> MultiCropDecoder:
     """One decoder cutting every view of `groups`, in order, from one decode."""
-    return MultiCropDecoder([(g.size, g.scale) for g in groups for _ in range(g.n)])
+    return MultiCropDecoder(_views_of(groups))
