@@ -1,20 +1,25 @@
 """DALI backend: WebDataset shards -> multi-crop `Batch`es on the device.
 
-Two DALI pipelines read the same ``DATA/shards/train-*.tar``, both through
-``fn.external_source`` callbacks that fetch each sample's JPEG bytes by index
-(``train-offsets.npy``: shard, byte offset, byte size) with ``os.pread``:
+Two DALI pipelines, both fed by ``fn.external_source`` callbacks in the sampler's or the
+epoch's order:
 
 - unlabeled: every training image once per epoch in a fresh global order (each rank a
   disjoint part; `pipelines.common.epoch_order`, as the FFCV backend), ``n_large`` large
-  and ``n_small`` small crops per image;
+  and ``n_small`` small crops per image, from each sample's JPEG bytes fetched by index out of
+  ``DATA/shards/train-*.tar`` (``train-offsets.npy``: shard, byte offset, byte size) with
+  ``os.pread``, decoded once;
 - labeled: the `StratifiedSampler`'s batches (C classes x K images, in the sampler's order),
-  ``n_supervised_views`` large crops per image, as many batches as unlabeled steps.
+  ``n_supervised_views`` large crops per image, as many batches as unlabeled steps, handed
+  as raw HWC pixels from the labeled store (`pipelines.labeled_store`: the labeled JPEGs
+  decoded once by DALI's own decoder, built on first use in ``DATA/cache/``), so the labeled
+  graph has no decoder (on a GPU the batch moves to the device with ``.gpu()``).
 
-Each image is decoded once (``mixed`` on a GPU, ``cpu`` without one) and every view is cut
-from that decode: random-resized crop, colour jitter (p), grayscale (p), Gaussian blur (p),
-flip and normalization, all DALI operators with per-sample randomness, probabilities as
-DALI conditionals. Both pipelines are rebuilt per epoch with seeds derived from
-(seed, epoch, rank), so an epoch's order and augmentation are a pure function of those.
+Each unlabeled image is decoded once (``mixed`` on a GPU, ``cpu`` without one) and every view
+is cut from that decode (a labeled view from the stored pixels): random-resized crop, colour
+jitter (p), grayscale (p), Gaussian blur (p), flip and normalization, all DALI operators with
+per-sample randomness, probabilities as DALI conditionals. Both pipelines are rebuilt per
+epoch with seeds derived from (seed, epoch, rank), so an epoch's order and augmentation are a
+pure function of those.
 
 Why not ``fn.readers.webdataset``: measured on DALI 2.4.0, its ``random_shuffle`` only
 shuffles inside a buffer of ``initial_fill`` samples of a fixed contiguous part of the
@@ -40,8 +45,10 @@ from pipelines.batch import Batch
 from pipelines.common import LABELED, UNLABELED, TrainingPipeline, ViewGroup
 from pipelines.config import AugConfig
 from pipelines.errors import PipelineError
+from pipelines.labeled_store import LabeledStore, open_store
 
 JPEG_MAGIC = b"\xff\xd8"
+CHUNK = 256  # images decoded per DALI run while building the labeled store
 RECONVERT = "re-run `python convert/imagenet_to_dali.py --src TREE --out {data}`"
 
 
@@ -70,7 +77,7 @@ class ShardSet:
             )
         self.paths = [self.data_dir / s for s in section["shards"][split]]
         index_files = [self.data_dir / s for s in section["index_files"][split]]
-        offsets_path = self.data_dir / section["offsets"][split]
+        self.offsets_path = offsets_path = self.data_dir / section["offsets"][split]
         for p in [*self.paths, *index_files, offsets_path]:
             if not p.is_file():
                 raise PipelineError(f"{p}: missing file of the DALI dataset; {fix}")
@@ -153,18 +160,68 @@ class ShardSet:
 
 
 class _BatchSource:
-    """One epoch of batches for ``fn.external_source``: (JPEG bytes, indices[, labels])."""
+    """One epoch of unlabeled batches for ``fn.external_source``: (JPEG bytes, indices)."""
 
-    def __init__(self, shards: ShardSet, batches: list[np.ndarray], labels_of: np.ndarray | None):
-        self.shards, self.batches, self.labels_of = shards, batches, labels_of
+    labels_of = None  # no label output
+
+    def __init__(self, shards: ShardSet, batches: list[np.ndarray]):
+        self.shards, self.batches = shards, batches
 
     def __iter__(self):
         for ix in self.batches:
-            jpegs = [self.shards.read(i) for i in ix.tolist()]
-            out = (jpegs, ix.astype(np.int64))  # indices [B]
-            if self.labels_of is not None:
-                out += (self.labels_of[ix],)  # [B]
-            yield out
+            yield [self.shards.read(i) for i in ix.tolist()], ix.astype(np.int64)  # B, [B]
+
+
+class _StoreSource:
+    """One epoch of labeled batches for ``fn.external_source``: (the store's HWC pixels,
+    indices, labels); the labels are the manifest's, looked up by the delivered index."""
+
+    def __init__(self, store: LabeledStore, batches: list[np.ndarray], labels_of: np.ndarray):
+        self.store, self.batches, self.labels_of = store, batches, labels_of
+
+    def __iter__(self):
+        for ix in self.batches:
+            yield self.store.images(ix), ix.astype(np.int64), self.labels_of[ix]  # B x HWC, [B]
+
+
+def shard_store(
+    shards: ShardSet, cache_dir: str, fingerprint: str, samples: np.ndarray, cfg: dict
+) -> LabeledStore:
+    """The labeled store of `samples` decoded from the shards by DALI's decoder, the one the
+    pipeline would run (``cpu``, or ``mixed`` on a GPU): built once, then reused."""
+    files = [*shards.paths, shards.offsets_path]
+    return open_store(
+        shards.data_dir, cache_dir, f"dali-{cfg['decode']}", [p.stat().st_size for p in files],
+        fingerprint, samples, lambda: _decoded_chunks(shards, samples, cfg),
+    )  # fmt: skip
+
+
+def _decoded_chunks(shards: ShardSet, samples: np.ndarray, cfg: dict):
+    """The images of `samples`, ``CHUNK`` at a time, each ``[H, W, 3]`` uint8 on the host."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=CHUNK, num_threads=cfg["threads"], device_id=cfg["device_id"])
+    def graph():
+        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(jpegs, device=cfg["decode"], output_type=types.RGB)
+
+    pipe = graph(prefetch_queue_depth=1)
+    pipe.build()
+    for start in range(0, len(samples), CHUNK):
+        ix = samples[start : start + CHUNK]
+        pipe.feed_input("jpegs", [shards.read(i) for i in ix.tolist()])
+        try:
+            (out,) = pipe.run()
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            fix = RECONVERT.format(data=shards.data_dir)
+            raise PipelineError(
+                f"{shards.data_dir / 'shards'}: a labeled image among samples "
+                f"{ix[0]}..{ix[-1]} does not decode ({first}); {fix}"
+            ) from None
+        if cfg["decode"] != "cpu":
+            out = out.as_cpu()
+        yield [np.array(out[k]) for k in range(len(ix))]  # n x [H, W, 3]
 
 
 # ---- the DALI graph ----
@@ -227,17 +284,25 @@ def _view(img, group: ViewGroup, mean, std, out_dtype):
     )
 
 
-def _build(source, n_outputs: int, groups, aug: AugConfig, batch_size: int, seed: int, cfg):
-    """A built DALI pipeline: decode once, all views, then the source's pass-through outputs."""
+def _build(
+    source, n_outputs: int, groups, aug: AugConfig, batch_size: int, seed: int, cfg, decoded: bool
+):
+    """A built DALI pipeline: decode once (unless the source hands `decoded` HWC pixels), all
+    views, then the source's pass-through outputs."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=True)
     def graph():
+        layout = {"layout": ["HWC"]} if decoded else {}
         outs = fn.external_source(
-            source=source, num_outputs=n_outputs, batch=True, cycle="raise", parallel=False
-        )
-        jpegs, rest = outs[0], outs[1:]
-        img = fn.decoders.image(jpegs, device=cfg["decode"], output_type=types.RGB)
+            source=source, num_outputs=n_outputs, batch=True, cycle="raise", parallel=False,
+            **layout,
+        )  # fmt: skip
+        first, rest = outs[0], outs[1:]
+        if not decoded:
+            img = fn.decoders.image(first, device=cfg["decode"], output_type=types.RGB)
+        else:
+            img = first.gpu() if cfg["device_id"] is not None else first
         return (*_views(img, groups, aug.mean, aug.std, cfg["dtype"]), *rest)
 
     pipe = graph(
@@ -272,6 +337,11 @@ class DALIPipeline(TrainingPipeline):
         self.n_unlabeled_views = sum(g.n for g in self.unlabeled_groups)
         self.n_sup = sum(g.n for g in self.labeled_groups)
         self._cfg = self._dali_config()
+        self.store = None
+        if self.sampler is not None:
+            self.store = shard_store(
+                self.shards, self.data.cache_dir, self.train_fingerprint, self.labeled, self._cfg
+            )
 
     def _ready_note(self) -> str:
         return " (gpu)" if self._cfg["device_id"] is not None else " (cpu-only)"
@@ -296,12 +366,12 @@ class DALIPipeline(TrainingPipeline):
         order = self.unlabeled_order(epoch)[: self.steps * b]  # [steps*B] or fewer
         batches = [order[i : i + b] for i in range(0, len(order), b)]
         unlabeled = self._iterator(
-            _BatchSource(self.shards, batches, None), self.unlabeled_groups, b, epoch, UNLABELED
+            _BatchSource(self.shards, batches), self.unlabeled_groups, b, epoch, UNLABELED
         )
         labeled = None
         if self.sampler is not None:
             rows = list(self.labeled_batches(epoch))  # steps x [C*K]
-            source = _BatchSource(self.shards, rows, self.labels_of)
+            source = _StoreSource(self.store, rows, self.labels_of)
             cb = self.sampler.batch_size
             labeled = self._iterator(source, self.labeled_groups, cb, epoch, LABELED)
 
@@ -329,14 +399,17 @@ class DALIPipeline(TrainingPipeline):
 
     # ---- helpers ----
 
-    def _iterator(self, source: _BatchSource, groups, batch_size: int, epoch: int, stream: int):
+    def _iterator(self, source, groups, batch_size: int, epoch: int, stream: int):
         """A DALIGenericIterator over one epoch of `source` (a fresh pipeline per epoch)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         n_views = sum(g.n for g in groups)
         passthrough = ["index"] + (["label"] if source.labels_of is not None else [])
         seed = stable_key(self.seed, epoch, self.rank, stream) % (2**31)
-        pipe = _build(source, 1 + len(passthrough), groups, self.aug, batch_size, seed, self._cfg)
+        decoded = isinstance(source, _StoreSource)
+        pipe = _build(
+            source, 1 + len(passthrough), groups, self.aug, batch_size, seed, self._cfg, decoded
+        )
         names = [f"v{j}" for j in range(n_views)] + passthrough
         it = DALIGenericIterator(
             [pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
