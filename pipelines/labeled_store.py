@@ -207,7 +207,9 @@ def _mismatch(index: dict, parts: dict, samples: np.ndarray, pixels_path: Path) 
     for k, want in parts.items():
         if str(index[k]) != want:
             return f"{k} {str(index[k])!r} differs from this dataset's {want!r} (stale store)"
-    size = pixels_path.stat().st_size if pixels_path.is_file() else -1
+    if not pixels_path.is_file():
+        return f"{pixels_path.name} is missing"
+    size = pixels_path.stat().st_size
     if size != int(index["nbytes"]):
         return f"{pixels_path.name} has {size} bytes, the index records {int(index['nbytes'])}"
     return None
