@@ -163,6 +163,7 @@ class _BatchSource:
     """One epoch of unlabeled batches for ``fn.external_source``: (JPEG bytes, indices)."""
 
     labels_of = None  # no label output
+    decoded = False  # JPEG bytes: the graph decodes them
 
     def __init__(self, shards: ShardSet, batches: list[np.ndarray]):
         self.shards, self.batches = shards, batches
@@ -175,6 +176,8 @@ class _BatchSource:
 class _StoreSource:
     """One epoch of labeled batches for ``fn.external_source``: (the store's HWC pixels,
     indices, labels); the labels are the manifest's, looked up by the delivered index."""
+
+    decoded = True  # HWC pixels: the graph has no decoder
 
     def __init__(self, store: LabeledStore, batches: list[np.ndarray], labels_of: np.ndarray):
         self.store, self.batches, self.labels_of = store, batches, labels_of
@@ -406,10 +409,10 @@ class DALIPipeline(TrainingPipeline):
         n_views = sum(g.n for g in groups)
         passthrough = ["index"] + (["label"] if source.labels_of is not None else [])
         seed = stable_key(self.seed, epoch, self.rank, stream) % (2**31)
-        decoded = isinstance(source, _StoreSource)
         pipe = _build(
-            source, 1 + len(passthrough), groups, self.aug, batch_size, seed, self._cfg, decoded
-        )
+            source, 1 + len(passthrough), groups, self.aug, batch_size, seed, self._cfg,
+            source.decoded,
+        )  # fmt: skip
         names = [f"v{j}" for j in range(n_views)] + passthrough
         it = DALIGenericIterator(
             [pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False

@@ -256,7 +256,7 @@ def _build(folder: Path, name: str, parts: dict, samples: np.ndarray, chunks) ->
             os.fsync(f.fileno())
         os.replace(pixels_tmp, folder / f"{name}.u8")
         os.replace(index_tmp, folder / f"{name}.index.npz")  # the store is finished from here
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise PipelineError(
@@ -275,10 +275,17 @@ def _build(folder: Path, name: str, parts: dict, samples: np.ndarray, chunks) ->
     return store
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_dir(folder: Path) -> None:
+    """Flushes a folder's entries (a rename into it) to disk, where the filesystem allows it
+    (some network and FUSE filesystems refuse a folder's fsync: then nothing is done)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.labeled_store import fsync_dir
+
 log = logging.getLogger(__name__)
 
 LATEST = "checkpoint.pt"
@@ -55,19 +57,6 @@ def _write(obj: dict, f) -> None:
     torch.save(obj, f)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _failure(path: Path, e: OSError) -> CheckpointError:
     survivor = f"the previous {path.name} is intact" if path.exists() else "no earlier one exists"
     full = e.errno == errno.ENOSPC
@@ -95,7 +84,7 @@ def atomic_save(obj: dict, path: str | Path) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _failure(path, e) from e
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
