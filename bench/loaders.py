@@ -9,14 +9,21 @@ One process times, in interleaved rounds (medians, the order rotated each round)
       per view);
   (c) this project's FFCVPipeline (one decode per image, every crop cut from it);
   (d) this project's DALIPipeline (CPU-only mode on a machine without a GPU);
-  (e) decode only: the same FFCV decoder as (c) cutting a single 8-px crop (the limit).
-"Host-side" is what a GPU run leaves on the CPU: for (b), (c), (e) decode and crops, without
-the colour/grayscale/blur/normalize that then run on the device; for (a) everything (PIL does
-it all on the host); for (d) nothing on a GPU (decode is `mixed`), so its CPU-only figure is
-shown in both rows. "Everything on the CPU" is a CPU-only run: (b) and (c) then also run the
-project's torch augmentation (pipelines.augment) on the CPU. Also measured: the time to first
-batch of (c) from launching a fresh process (imports included), and what the labeled stream
-adds to data time for (c) and (d).
+  (e) decode only: the same FFCV decoder as (c) decoding each JPEG and writing nothing but the
+      sample index (the limit of any loader reading these files).
+"Host-side" is what a GPU run leaves on the CPU: for (b) decode and crops, without the
+colour/grayscale/blur/normalize that then run on the device; for (c) decode and the crop
+boxes (a GPU run cuts the views on the device, `--crops auto`), and, in a row of its own,
+decode and crops as with `--crops host`; for (a) everything (PIL does it all on the host);
+for (d) nothing on a GPU (decode is `mixed`), so its CPU-only figure is shown in both rows.
+"Everything on the CPU" is a CPU-only run: (b) and (c) then also run the project's torch
+augmentation (pipelines.augment) on the CPU, (c) with its workers cutting the views. Also
+measured: the time to first batch of (c) from launching a fresh process (imports included),
+and what the labeled stream adds to data time for (c) and (d).
+
+Ratios of two loaders measured back to back in each round ((c) vs (e), each row with the
+labeled stream vs the same row without) are medians of the per-round ratios, with their
+range, so that the machine's drift between rounds cancels.
 
 Rate of one measurement: each epoch restarts the loader; its first `--warm` batches (thread or
 worker start, pipeline fill) are not timed; the rest are, until `--seconds` have been timed
@@ -208,12 +215,25 @@ class DeviceAugOnCPU:
 
 
 class ProjectFFCVHostSource(Source):
-    """(c) host-side / (e): FFCVPipeline's own loaders, raw uint8 crops, no device work."""
+    """(c) host-side / (e): FFCVPipeline's own loaders, their uint8 rows, no device work.
 
-    def __init__(self, data_dir: Path, data, aug, labeled: np.ndarray):
+    crops: where the views are cut ("device": a GPU run's host work; "host": the workers');
+    decode_only: (e), the unlabeled loader's decoder replaced by a decode-only one.
+    """
+
+    def __init__(
+        self, data_dir: Path, data, aug, labeled: np.ndarray, crops: str, decode_only=False
+    ):
+        from pipelines.ffcv_ops import MultiCropDecoder
         from pipelines.ffcv_pipeline import FFCVPipeline
 
-        self.pipe = FFCVPipeline(str(data_dir), data, aug, labeled, device="cpu")
+        data = replace(data, crops=crops)
+        self.pipe = p = FFCVPipeline(str(data_dir), data, aug, labeled, device="cpu")
+        if decode_only:
+            p.unlabeled_decoder = MultiCropDecoder([], cut="decode")
+            p.unlabeled_loader = p._loader(
+                p.unlabeled_decoder, data.batch_size, p.unlabeled_order, data.drop_last
+            )
         self.epochs = 0
 
     def epoch(self) -> Iterator[int]:
@@ -319,13 +339,13 @@ def run_rounds(
     return rows
 
 
-def first_batch_seconds(data_dir: Path, images: str, cache_dir: Path) -> float:
+def first_batch_seconds(data_dir: Path, images: str, cache_dir: Path, crops: str) -> float:
     """Seconds from launching a fresh process (imports included) to (c)'s first batch."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
     launched = time.time()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--first-batch-child", str(data_dir)]
     out = subprocess.run(
-        [*cmd, "--images", images, "--launched", repr(launched)],
+        [*cmd, "--images", images, "--crops", crops, "--launched", repr(launched)],
         env=env, cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("first-batch ")]
@@ -334,11 +354,16 @@ def first_batch_seconds(data_dir: Path, images: str, cache_dir: Path) -> float:
     return float(lines[-1].split()[1])
 
 
-def first_batch_child(data_dir: str, images: str, launched: float) -> None:
-    """Runs in the fresh process: a training-shaped FFCVPipeline (labeled stream on)."""
+def first_batch_child(data_dir: str, images: str, crops: str, launched: float) -> None:
+    """Runs in the fresh process: a training-shaped FFCVPipeline (labeled stream on), its
+    views cut by the workers (`crops` "host") or by torch (`crops` "device", here on the CPU);
+    torchvision is imported first, as train.py's model imports it."""
+    import torchvision  # noqa: F401
+
     from pipelines.ffcv_pipeline import FFCVPipeline
 
     data, aug = bench_configs(images)
+    data = replace(data, crops=crops)
     labeled = np.arange(len(json.loads((Path(data_dir) / "manifest.json").read_text())
                             ["splits"]["train"]["labels"]))  # fmt: skip
     pipe = FFCVPipeline(data_dir, data, aug, labeled, device="cpu")
@@ -352,6 +377,14 @@ def first_batch_child(data_dir: str, images: str, launched: float) -> None:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
+
+
+def paired(rows: dict[str, Row], num: str, den: str) -> tuple[float, float, float]:
+    """Median, min and max over the rounds of rate(num) / rate(den), each round's two measured
+    back to back (adjacent in `sources_for`), so that the machine's drift between rounds
+    cancels."""
+    per_round = [ratio(a, b) for a, b in zip(rows[num].rates, rows[den].rates, strict=True)]
+    return statistics.median(per_round), min(per_round), max(per_round)
 
 
 def build_report(rows: dict[str, Row], first: dict[str, float], quick: bool) -> list[dict]:
@@ -373,11 +406,13 @@ def build_report(rows: dict[str, Row], first: dict[str, float], quick: bool) -> 
             rate_line(key, f"{ratio(med[key], tv):.2f}x (a)")
     c_tv = ratio(med["c_host"], tv)
     rate_line("c_host", f"{c_tv:.2f}x (a)", f">= {GOAL_HOST_VS_TV:g}x (a)", c_tv >= GOAL_HOST_VS_TV)
-    c_dec = ratio(med["c_host"], med["e"])
+    c_dec, lo, hi = paired(rows, "c_host", "e")
     add(
-        "(c) host-side vs decode only", None, None, f"{c_dec:.2f}x (e)",
+        "(c) host-side vs decode only", None, None, f"{c_dec:.2f}x (e) (rounds {lo:.2f}-{hi:.2f})",
         f">= {GOAL_HOST_VS_DECODE:g}x (e)", c_dec >= GOAL_HOST_VS_DECODE,
     )  # fmt: skip
+    w_dec, lo, hi = paired(rows, "c_workers", "e")
+    rate_line("c_workers", f"{w_dec:.2f}x (e) (rounds {lo:.2f}-{hi:.2f})")
     for key in ("c_cpu", "d"):
         x = ratio(med[key], tv)
         rate_line(key, f"{x:.2f}x (a)", f">= {GOAL_CPU_VS_TV:g}x (a)", x >= GOAL_CPU_VS_TV)
@@ -387,10 +422,10 @@ def build_report(rows: dict[str, Row], first: dict[str, float], quick: bool) -> 
         add(name, None, None, f"{seconds:.1f} s", f"<= {GOAL_FIRST_BATCH_S:g} s", ok)
     for base, with_lab in (("c_host", "c_host_lab"), ("c_cpu", "c_cpu_lab"), ("d", "d_lab")):
         if with_lab in rows:
-            share = ratio(med[base], med[with_lab]) - 1  # extra data time per step
+            share, lo, hi = (100 * (x - 1) for x in paired(rows, base, with_lab))  # extra time
             rate_line(
-                with_lab, f"{100 * share:+.0f}% data time", f"<= +{100 * GOAL_LABELED_SHARE:g}%",
-                share <= GOAL_LABELED_SHARE,
+                with_lab, f"{share:+.0f}% data time (rounds {lo:+.0f}..{hi:+.0f}%)",
+                f"<= +{100 * GOAL_LABELED_SHARE:g}%", share <= 100 * GOAL_LABELED_SHARE,
             )  # fmt: skip
     return out
 
@@ -419,7 +454,6 @@ def sources_for(data_dir: Path, images: str, quick: bool) -> dict:
     data, aug = bench_configs(images)
     n = len(json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]["labels"])
     none, every = np.empty(0, dtype=np.int64), np.arange(n)
-    tiny = replace(aug, n_large=1, large_size=8, large_scale=(1.0, 1.0), n_small=0)
     s = {
         "a": ("(a) torchvision/PIL DataLoader, 2 workers (host = everything)",
               lambda: TorchvisionSource(data_dir, data, aug)),
@@ -427,18 +461,20 @@ def sources_for(data_dir: Path, images: str, quick: bool) -> dict:
                    lambda: FFCVPerViewSource(data_dir, data, aug, on_cpu=False)),
         "b_cpu": ("(b) FFCV, a decoder per view: everything on CPU",
                   lambda: FFCVPerViewSource(data_dir, data, aug, on_cpu=True)),
-        "c_host": ("(c) FFCVPipeline: host-side (decode + crops)",
-                   lambda: ProjectFFCVHostSource(data_dir, data, aug, none)),
+        "c_workers": ("(c) host-side with --crops host (decode + crops by the workers)",
+                      lambda: ProjectFFCVHostSource(data_dir, data, aug, none, "host")),
+        "e": ("(e) decode only (FFCV's JPEG decode, nothing else)",
+              lambda: ProjectFFCVHostSource(data_dir, data, aug, none, "device", True)),
+        "c_host": ("(c) FFCVPipeline: host-side of a GPU run (decode; views cut on the GPU)",
+                   lambda: ProjectFFCVHostSource(data_dir, data, aug, none, "device")),
+        "c_host_lab": ("(c) host-side of a GPU run + labeled stream",
+                       lambda: ProjectFFCVHostSource(data_dir, data, aug, every, "device")),
         "c_cpu": ("(c) FFCVPipeline: everything on CPU",
                   lambda: PipelineSource("ffcv", data_dir, data, aug, none)),
-        "d": ("(d) DALIPipeline, CPU-only (= host-side here; on a GPU the host does ~nothing)",
-              lambda: PipelineSource("dali", data_dir, data, aug, none)),
-        "e": ("(e) decode only (FFCV decode + one 8-px crop)",
-              lambda: ProjectFFCVHostSource(data_dir, data, tiny, none)),
-        "c_host_lab": ("(c) host-side + labeled stream",
-                       lambda: ProjectFFCVHostSource(data_dir, data, aug, every)),
         "c_cpu_lab": ("(c) everything on CPU + labeled stream",
                       lambda: PipelineSource("ffcv", data_dir, data, aug, every)),
+        "d": ("(d) DALIPipeline, CPU-only (= host-side here; on a GPU the host does ~nothing)",
+              lambda: PipelineSource("dali", data_dir, data, aug, none)),
         "d_lab": ("(d) CPU-only + labeled stream",
                   lambda: PipelineSource("dali", data_dir, data, aug, every)),
     }  # fmt: skip
@@ -458,10 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch", default=os.environ.get("SUNCET_BENCH_DIR", "/tmp/suncet-bench"))
     p.add_argument("--json", help="results file (default SCRATCH/loaders-IMAGES.json)")
     p.add_argument("--first-batch-child", help=argparse.SUPPRESS)
+    p.add_argument("--crops", default="host", help=argparse.SUPPRESS)
     p.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.first_batch_child:
-        first_batch_child(args.first_batch_child, args.images, args.launched)
+        first_batch_child(args.first_batch_child, args.images, args.crops, args.launched)
         return 0
 
     t0 = time.perf_counter()
@@ -474,14 +511,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Time to first batch of (c) in fresh processes: an empty kernel cache, then a warm one.
     first = {}
-    with tempfile.TemporaryDirectory(dir=scratch) as cache:
-        if not args.quick:
-            s = first_batch_seconds(data_dir, args.images, Path(cache))
-            first["(c) first batch, fresh process, empty numba cache (first run)"] = s
-        else:
-            first_batch_seconds(data_dir, args.images, Path(cache))  # fills the cache
-        s = first_batch_seconds(data_dir, args.images, Path(cache))
-        first["(c) first batch, fresh process, cached kernels"] = s
+    for crops, how in (("host", "views cut by the workers"), ("device", "views cut by torch")):
+        with tempfile.TemporaryDirectory(dir=scratch) as cache:
+            if not args.quick:
+                s = first_batch_seconds(data_dir, args.images, Path(cache), crops)
+                first[f"(c) first batch, {how}: fresh process, empty numba cache"] = s
+            else:
+                first_batch_seconds(data_dir, args.images, Path(cache), crops)  # fills it
+            s = first_batch_seconds(data_dir, args.images, Path(cache), crops)
+            first[f"(c) first batch, {how}: fresh process, cached kernels"] = s
     log(f"first batch: {first}")
 
     # 2. Every loader, interleaved rounds.

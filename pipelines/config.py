@@ -22,6 +22,9 @@ class DataConfig:
     n_supervised_views: int = 1  # large-crop views of each labeled image
     per_rank_classes: bool = False  # each rank draws its own classes (default: shared classes)
     num_workers: int = 2  # decoding threads/workers
+    # FFCV: where the unlabeled views are cut from each decode: "auto" (on the device when it
+    # is a GPU, else by the worker threads), "host" (the worker threads) or "device".
+    crops: str = "auto"
     # Labeled store folder (labeled images decoded once): "" = DATA/cache, falling back to
     # ~/.cache/suncet-trainer where DATA is read-only; else this folder only.
     cache_dir: str = ""

@@ -1,20 +1,29 @@
 """FFCV pieces for multi-crop SSL: a decode-once multi-crop decoder and a fixed traversal order.
 
-`MultiCropDecoder` decodes each stored image once into a scratch buffer and cuts every view
-(random-resized crop + resize) from that decode into one flat uint8 row per image: the views
-in order, each ``[S_v, S_v, 3]`` (HWC), then 8 bytes holding the sample index (int64), so that
-one decoder serves the whole batch and no other field needs a compiled decoder. The caller
-splits the row with torch views.
+`MultiCropDecoder` decodes each stored image once into a scratch buffer and writes one flat
+uint8 row per image, so that one decoder serves the whole batch and no other field needs a
+compiled decoder; the caller splits the row with torch views. Where the views are cut:
 
-Its heavy loop (`_multicrop_kernel`) is a numba function compiled with ``cache=True``: it calls
-FFCV's C library by symbol name (``imdecode``, ``resize``) rather than through FFCV's ctypes
-wrappers, so numba can cache it on disk and a second process starts in well under a second.
-Crop randomness comes from a counter-based hash of (key, the batch's sample indices, slot in
-the batch, view, draw), not from numba's thread-local generator, so crops are the same whichever
-worker thread decodes a sample, and a sample that comes twice (a labeled class with fewer images
-than K, a small labeled split seen several times an epoch) gets fresh crops each time;
-the key is read at run time from a small array owned by the decoder (`set_key`), so a new epoch
-needs no recompilation.
+- ``cut="host"`` (CPU-only runs): the worker threads cut every view (random-resized crop +
+  resize, OpenCV's area interpolation through FFCV's C library) into the row: the views in
+  order, each ``[S_v, S_v, 3]`` (HWC), then 8 bytes holding the sample index (int64);
+- ``cut="device"`` (GPU runs): the worker threads only decode; the row holds the image on a
+  fixed ``[max_h + 1, max_w + 1, 3]`` plane and the views' crop boxes, and `cut_on_device`
+  cuts and resizes the views batched where the rows are. Cutting eight views costs the host
+  about as much as decoding the image (a 224 crop is as many pixels as the whole stored
+  image), so leaving it to the GPU about halves the host's work per image; the plane is also
+  fewer bytes to copy than the eight views.
+
+The heavy loops (`_multicrop_kernel`, `_image_kernel`) are numba functions compiled with
+``cache=True``: they call FFCV's C library by symbol name (``imdecode``, ``resize``) rather
+than through FFCV's ctypes wrappers, so numba can cache them on disk and a second process
+starts in well under a second. Crop randomness (the same boxes for both cuts) comes from a
+counter-based hash of (key, the batch's sample indices, slot in the batch, view, draw), not
+from numba's thread-local generator, so crops are the same whichever worker thread decodes a
+sample, and a sample that comes twice (a labeled class with fewer images than K, a small
+labeled split seen several times an epoch) gets fresh crops each time; the key is read at run
+time from a small array owned by the decoder (`set_key`), so a new epoch needs no
+recompilation.
 
 Limitation: binding `imdecode`/`resize` by name depends on FFCV 1.0.2's private C interface
 (`ffcv._libffcv`: argument lists as in `ffcv/libffcv.py`); another FFCV release may break it.
@@ -92,6 +101,19 @@ def _as_voidptr(typingctx, address):
     return types.voidptr(address), codegen
 
 
+@intrinsic
+def _memcpy(typingctx, dst, src, nbytes):
+    """Copies `nbytes` bytes from address `src` to address `dst` (LLVM's memcpy)."""
+
+    def codegen(context, builder, signature, args):
+        to, frm, n = args
+        to, frm = builder.inttoptr(to, cgutils.voidptr_t), builder.inttoptr(frm, cgutils.voidptr_t)
+        cgutils.raw_memcpy(builder, to, frm, n, 1)
+        return context.get_dummy_value()
+
+    return types.void(dst, src, nbytes), codegen
+
+
 @njit(cache=True)
 def read_key(address):
     """The uint64 stored at `address` (a decoder's run-time key)."""
@@ -141,7 +163,44 @@ def random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, s
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-# 3. The kernel: one decode per image, every view cut from it.
+# 3. The kernels: one decode per image; every view cut from it (on the host), or the decode and
+# the views' boxes handed on (the device cuts them).
+@njit(cache=True)
+def _batch_key(batch_indices):
+    """A hash of the batch's samples in order, so that a sample repeated in another batch of
+    the epoch (or another slot of this one) is cropped afresh."""
+    batch_key = np.uint64(0x9E3779B97F4A7C15)
+    for b in range(len(batch_indices)):
+        batch_key = _mix(batch_key ^ np.uint64(batch_indices[b]))
+    return batch_key
+
+
+@njit(cache=True)
+def _pixels(field, mmap, ptrs, sizes, scratch):
+    """(address of the sample's HWC pixels, height, width): decoded into `scratch` when stored
+    as JPEG, in the storage itself when stored raw."""
+    address = np.uint64(field["data_ptr"])
+    size = sizes[np.searchsorted(ptrs, address)]
+    data = mmap[address : address + size]
+    height, width = np.int64(field["height"]), np.int64(field["width"])
+    if field["mode"] != JPG_MODE:  # raw pixels, stored HWC
+        return data.ctypes.data, height, width
+    _imdecode(
+        data.ctypes.data, np.uint64(size), np.uint32(height), np.uint32(width),
+        scratch.ctypes.data, np.uint32(height), np.uint32(width),
+        np.uint32(0), np.uint32(0), np.uint32(1), np.uint32(1), np.uint8(0), np.uint8(0),
+    )  # fmt: skip
+    return scratch.ctypes.data, height, width
+
+
+@njit(cache=True)
+def _box(key, batch_key, b, sample, v, height, width, box):
+    """View v's crop box (row, col, h, w) of the sample in slot b: the same in both kernels."""
+    slot = _mix(key ^ batch_key ^ np.uint64(b))
+    stream = _mix(slot ^ _mix(np.uint64(sample) * np.uint64(64) + np.uint64(v)))
+    return random_crop(height, width, box[0], box[1], box[2], box[3], stream)
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _multicrop_kernel(
     batch_indices,
@@ -154,7 +213,7 @@ def _multicrop_kernel(
     view_size,
     view_offset,
     view_box,
-    index_offset,
+    layout,
     key,
 ):
     """Decodes batch_indices[b] once and writes all its views into out[b].
@@ -168,110 +227,172 @@ def _multicrop_kernel(
         view_size: output side S of each view, ``[V]``.
         view_offset: start of each view in a row, ``[V]``.
         view_box: scale and log-ratio ranges of each view, ``[V, 4]``.
-        index_offset: where the sample index goes in a row (8-byte aligned).
+        layout: ``[index_offset]``: where the sample index goes in a row (8-byte aligned); an
+            array, not a number, so that numba compiles one kernel for every layout.
         key: run-time key (seed, epoch, rank, stream) of the crop randomness.
     """
-    # The batch's key: a hash of its samples in order, so that a sample repeated in another
-    # batch of the epoch (or another slot of this one) is cropped afresh.
-    batch_key = np.uint64(0x9E3779B97F4A7C15)
-    for b in range(len(batch_indices)):
-        batch_key = _mix(batch_key ^ np.uint64(batch_indices[b]))
-
+    index_offset = layout[0]
+    batch_key = _batch_key(batch_indices)
     for b in prange(len(batch_indices)):
         sample = batch_indices[b]
-        field = metadata[sample]
-        address = np.uint64(field["data_ptr"])
-        size = sizes[np.searchsorted(ptrs, address)]
-        data = mmap[address : address + size]
-        height, width = np.int64(field["height"]), np.int64(field["width"])
-
-        if field["mode"] == JPG_MODE:
-            image = scratch[b]
-            _imdecode(
-                data.ctypes.data, np.uint64(size), np.uint32(height), np.uint32(width),
-                image.ctypes.data, np.uint32(height), np.uint32(width),
-                np.uint32(0), np.uint32(0), np.uint32(1), np.uint32(1), np.uint8(0), np.uint8(0),
-            )  # fmt: skip
-            source = image.ctypes.data
-        else:  # raw pixels, stored HWC
-            source = data.ctypes.data
-
+        source, height, width = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
         row = out[b]
         row[index_offset : index_offset + 8].view(np.uint64)[0] = np.uint64(sample)
         for v in range(len(view_size)):
-            slot = _mix(key ^ batch_key ^ np.uint64(b))
-            stream = _mix(slot ^ _mix(np.uint64(sample) * np.uint64(64) + np.uint64(v)))
-            box = view_box[v]
-            i, j, h, w = random_crop(height, width, box[0], box[1], box[2], box[3], stream)
+            i, j, h, w = _box(key, batch_key, b, sample, v, height, width, view_box[v])
             s = view_size[v]
             dst = row[view_offset[v] : view_offset[v] + s * s * 3]
             _resize(0, source, height, width, i, i + h, j, j + w, dst.ctypes.data, s, s)
     return out[: len(batch_indices)]
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def _image_kernel(batch_indices, out, scratch, metadata, mmap, ptrs, sizes, view_box, layout, key):
+    """Decodes batch_indices[b] once and writes the image and its views' boxes into out[b].
+
+    The image goes to the top-left of a ``[plane_h, plane_w, 3]`` plane (plane_h 0: not written),
+    its last row and column repeated once beyond it, so that bilinear sampling up to half a
+    pixel past a crop's edge reads the edge; then per view (row, col, h, w, the same boxes as
+    `_multicrop_kernel`'s) as int32, then the image's (height, width) as int32, then the sample
+    index (int64). Arguments as `_multicrop_kernel`'s, but layout is ``[plane_h, plane_w,
+    box_offset, index_offset]``.
+    """
+    plane_h, plane_w, box_offset, index_offset = layout[0], layout[1], layout[2], layout[3]
+    batch_key = _batch_key(batch_indices)
+    n_views = len(view_box)
+    pitch = plane_w * 3  # bytes of a plane row
+    for b in prange(len(batch_indices)):
+        sample = batch_indices[b]
+        source, height, width = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
+        row = out[b]
+        row[index_offset : index_offset + 8].view(np.uint64)[0] = np.uint64(sample)
+        boxes = row[box_offset : box_offset + 16 * n_views + 8].view(np.int32)  # [4V + 2]
+        boxes[4 * n_views] = height
+        boxes[4 * n_views + 1] = width
+        for v in range(n_views):
+            i, j, h, w = _box(key, batch_key, b, sample, v, height, width, view_box[v])
+            boxes[4 * v], boxes[4 * v + 1], boxes[4 * v + 2], boxes[4 * v + 3] = i, j, h, w
+        line = width * 3  # bytes of an image row
+        for y in range(min(height + 1, plane_h)):  # plane_h 0: no plane
+            at = row.ctypes.data + y * pitch
+            _memcpy(at, source + min(y, height - 1) * line, line)
+            if width < plane_w:
+                _memcpy(at + line, at + line - 3, 3)  # the last column, repeated
+    return out[: len(batch_indices)]
+
+
+CUTS = ("host", "device", "decode")
+
+
 class MultiCropDecoder(SimpleRGBImageDecoder):
-    """Decodes each image once and cuts every view from the decode into one flat uint8 row.
+    """Decodes each image once; every view is cut from that decode, here or on the device.
 
     Args:
         views: one (size, (scale_lo, scale_hi)) per view, in output order.
         ratio: aspect-ratio range of the crops.
+        cut: ``"host"``: the worker threads cut and resize every view into one flat uint8 row
+            (`unpack_rows` splits it); ``"device"``: they hand on the decoded image and the
+            views' boxes (`cut_on_device` cuts them where the rows are, e.g. on a GPU);
+            ``"decode"``: decode only, nothing written but the sample index (the limit that
+            bench/loaders.py measures any loader against).
     """
 
     def __init__(
         self,
         views: Sequence[tuple[int, tuple[float, float]]],
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        cut: str = "host",
     ) -> None:
         super().__init__()
-        if not views:
+        if cut not in CUTS:
+            raise ValueError(f"MultiCropDecoder: cut must be one of {CUTS}, got {cut!r}")
+        if not views and cut != "decode":
             raise ValueError("MultiCropDecoder needs at least one view")
+        self.cut = cut
         self.view_size = np.array([s for s, _ in views], dtype=np.int64)  # [V]
         self.view_offset = np.concatenate([[0], np.cumsum(self.view_size**2 * 3)[:-1]])  # [V]
-        view_bytes = int((self.view_size**2 * 3).sum())
-        self.index_offset = -(-view_bytes // 8) * 8  # rows stay 8-byte aligned
-        self.row_bytes = self.index_offset + 8
         self.view_box = np.array(
             [[lo, hi, np.log(ratio[0]), np.log(ratio[1])] for _, (lo, hi) in views],
             dtype=np.float64,
-        )  # [V, 4]
+        ).reshape(-1, 4)  # [V, 4]
         self._key = np.zeros(1, dtype=np.uint64)  # read by the kernel at run time
+        self.plane = (0, 0)  # (rows, columns) of the image plane in a row ("device" only)
+        if cut == "host":
+            self._layout(int((self.view_size**2 * 3).sum()))
+        else:  # the plane's size is known once the loader hands over the metadata
+            self._layout(0)
+
+    def _layout(self, head_bytes: int) -> None:
+        """Row layout after `head_bytes` of views or image plane: (boxes,) index; 8-aligned."""
+        self.box_offset = -(-head_bytes // 8) * 8
+        boxes = 0 if self.cut == "host" else 16 * len(self.view_size) + 8
+        self.index_offset = self.box_offset + boxes
+        self.row_bytes = self.index_offset + 8
 
     def set_key(self, key: int) -> None:
         """Sets the crop randomness for the batches decoded from now on."""
         self._key[0] = np.uint64(key % 2**64)
 
+    def plan(self, max_h: int, max_w: int) -> None:
+        """Fixes the row layout for images of at most ``max_h x max_w`` (FFCV calls this
+        through `declare_state_and_memory`; a caller compiling `generate_code` itself must)."""
+        if self.cut == "device":
+            self.plane = (max_h + 1, max_w + 1)  # room for the repeated last row and column
+            self._layout(self.plane[0] * self.plane[1] * 3)
+
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple]:
-        max_pixels = int(self.metadata["width"].max()) * int(self.metadata["height"].max())
+        max_h, max_w = int(self.metadata["height"].max()), int(self.metadata["width"].max())
+        self.plan(max_h, max_w)
         row = (self.row_bytes,)
         state = replace(previous_state, jit_mode=True, shape=row, dtype=np.dtype("u1"))
         return state, (
             AllocationQuery(row, np.dtype("u1")),
-            AllocationQuery((max_pixels * 3,), np.dtype("u1")),
+            AllocationQuery((max_h * max_w * 3,), np.dtype("u1")),
         )
 
     def generate_code(self) -> Callable:
-        kernel, get_key = _multicrop_kernel, read_key
+        get_key, key_address = read_key, self._key.ctypes.data
         view_size, view_offset, view_box = self.view_size, self.view_offset, self.view_box
-        index_offset = self.index_offset
-        key_address = self._key.ctypes.data
+        plane_h, plane_w = self.plane
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            out, scratch = my_storage
-            mmap, ptrs, sizes = storage_state
-            key = get_key(key_address)
-            return kernel(
-                batch_indices, out, scratch, metadata, mmap, ptrs, sizes,
-                view_size, view_offset, view_box, index_offset, key,
-            )  # fmt: skip
+        if self.cut == "host":
+            kernel, layout = _multicrop_kernel, np.array([self.index_offset], dtype=np.int64)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                out, scratch = my_storage
+                mmap, ptrs, sizes = storage_state
+                return kernel(
+                    batch_indices, out, scratch, metadata, mmap, ptrs, sizes,
+                    view_size, view_offset, view_box, layout, get_key(key_address),
+                )  # fmt: skip
+        else:
+            kernel = _image_kernel
+            layout = np.array(
+                [plane_h, plane_w, self.box_offset, self.index_offset], dtype=np.int64
+            )
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                out, scratch = my_storage
+                mmap, ptrs, sizes = storage_state
+                return kernel(
+                    batch_indices, out, scratch, metadata, mmap, ptrs, sizes, view_box,
+                    layout, get_key(key_address),
+                )  # fmt: skip
 
         decode.is_parallel = False  # the kernel is parallel itself
         return decode
 
 
+def row_indices(flat: torch.Tensor, decoder: MultiCropDecoder) -> torch.Tensor:
+    """The sample indices ``[B]`` int64 carried by a batch of the decoder's rows."""
+    at = decoder.index_offset
+    return flat[:, at : at + 8].contiguous().view(torch.int64).view(flat.shape[0])  # [B]
+
+
 def unpack_rows(
     flat: torch.Tensor, decoder: MultiCropDecoder, counts: Sequence[int]
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Splits a batch of the decoder's rows into groups of views and the sample indices.
+    """Splits a batch of the decoder's rows (cut ``"host"``) into groups of views.
 
     Args:
         flat: the decoder's rows, ``[B, T]`` uint8, on any device.
@@ -283,8 +404,6 @@ def unpack_rows(
         ``v*B .. v*B+B-1`` are view v; sample indices ``[B]`` int64).
     """
     b = flat.shape[0]
-    at = decoder.index_offset
-    indices = flat[:, at : at + 8].contiguous().view(torch.int64).view(b)  # [B]
     groups, view = [], 0
     for n in counts:
         if n == 0:
@@ -295,7 +414,48 @@ def unpack_rows(
         crops = flat[:, start:stop].view(b, n, side, side, 3)  # [B, n, S, S, 3]
         groups.append(crops.transpose(0, 1).reshape(n * b, side, side, 3))  # [n*B, S, S, 3]
         view += n
-    return groups, indices
+    return groups, row_indices(flat, decoder)
+
+
+def row_boxes(flat: torch.Tensor, decoder: MultiCropDecoder) -> torch.Tensor:
+    """The crop boxes (row, col, h, w) of a batch of rows (cut ``"device"``), ``[B, V, 4]``."""
+    b, n_views = flat.shape[0], len(decoder.view_size)
+    at = decoder.box_offset
+    raw = flat[:, at : at + 16 * n_views].contiguous().view(torch.int32)  # [B, 4V]
+    return raw.view(b, n_views, 4)
+
+
+def cut_on_device(
+    flat: torch.Tensor, decoder: MultiCropDecoder, counts: Sequence[int]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Cuts the views out of a batch of rows (cut ``"device"``) where the rows are.
+
+    Each view is its box resized to ``S x S`` by `torchvision.ops.roi_align` (aligned, with
+    adaptive sampling): bilinear where the box is upscaled, the mean of several bilinear
+    samples per output pixel where it is shrunk, as torchvision's antialiased resize.
+
+    Args and returns as `unpack_rows`, except that each group is float32 in [0, 1].
+    """
+    from torchvision.ops import roi_align
+
+    b = flat.shape[0]
+    rows, cols = decoder.plane
+    planes = flat[:, : rows * cols * 3].view(b, rows, cols, 3).permute(0, 3, 1, 2)
+    planes = planes.float().div_(255)  # [B, 3, Hp, Wp]
+    boxes = row_boxes(flat, decoder).float()  # [B, V, 4]: row, col, h, w
+    slot = torch.arange(b, device=flat.device, dtype=torch.float32)  # [B]
+    groups, view = [], 0
+    for n in counts:
+        if n == 0:
+            continue
+        side = int(decoder.view_size[view])
+        box = boxes[:, view : view + n].transpose(0, 1)  # [n, B, 4], view-major
+        i, j, h, w = box.unbind(-1)  # each [n, B]
+        rois = torch.stack([slot.expand(n, b), j, i, j + w, i + h], -1).view(n * b, 5)
+        crops = roi_align(planes, rois, side, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        groups.append(crops.permute(0, 2, 3, 1))  # [n*B, S, S, 3]
+        view += n
+    return groups, row_indices(flat, decoder)
 
 
 class FixedOrder(TraversalOrder):

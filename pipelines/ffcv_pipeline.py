@@ -4,14 +4,16 @@ Two streams, both cut by the same multi-crop kernel (`pipelines.ffcv_ops`):
 
 - unlabeled: an FFCV loader over ``train.beton``: every training image once per epoch in a
   fresh order (each rank a disjoint part), ``n_large`` large and ``n_small`` small crops per
-  image, each image decoded once by CPU worker threads (`MultiCropDecoder`);
+  image, each image decoded once by CPU worker threads (`MultiCropDecoder`); the views are
+  cut by those threads on a CPU-only run, batched on the GPU on a GPU run (``data.crops``);
 - labeled: the `StratifiedSampler`'s batches (C classes x K images, in the sampler's order),
   ``n_supervised_views`` large crops per image, as many batches as unlabeled steps, cut from
   the labeled store (`pipelines.labeled_store`: the labeled images decoded once into raw
   pixels, built on first use in ``DATA/cache/``) by `pipelines.ffcv_store.StoreCrops` in a
-  background thread, so a labeled image costs crops only, not a JPEG decode per visit.
+  background thread, so a labeled image costs crops only, not a JPEG decode per visit (on a
+  GPU run, a copy only: its views are cut on the GPU as the unlabeled ones).
 
-The uint8 crops travel to the device in one copy per batch, where flips, colour jitter,
+The decoders' rows travel to the device in one copy per batch, where flips, colour jitter,
 grayscale, blur and normalization run batched (`pipelines.augment`). Crop boxes and device
 augmentation are pure functions of (seed, epoch, rank): `set_epoch` picks the epoch, and
 iterating again without it repeats the same epoch, as with torch's DistributedSampler.
@@ -34,6 +36,7 @@ from pipelines.ffcv_ops import (
     FixedOrder,
     MultiCropDecoder,
     cached_os_reader,
+    cut_on_device,
     leave_torch_threads_alone,
     unpack_rows,
 )
@@ -101,7 +104,12 @@ class FFCVPipeline(TrainingPipeline):
 
         # FFCV would set torch's thread count to num_workers: stop that.
         leave_torch_threads_alone()
-        self.unlabeled_decoder = _decoder(self.unlabeled_groups)
+        crops = self.data.crops
+        if crops == "auto":
+            crops = "device" if self.device.type == "cuda" else "host"
+        if crops not in ("host", "device"):
+            raise PipelineError(f"crops: unknown {crops!r}; choose from auto, host, device")
+        self.unlabeled_decoder = MultiCropDecoder(_views_of(self.unlabeled_groups), cut=crops)
         self.unlabeled_loader = self._loader(
             self.unlabeled_decoder, self.data.batch_size, self.unlabeled_order, self.data.drop_last
         )
@@ -118,6 +126,7 @@ class FFCVPipeline(TrainingPipeline):
                 self.num_samples,
                 _views_of(self.labeled_groups),
                 self.data.num_workers,
+                cut=crops,
             )
             self.labeled_decoder = self.labeled_crops.decoder
 
@@ -207,7 +216,8 @@ class FFCVPipeline(TrainingPipeline):
         """
         b = rows.shape[0]
         flat = rows.to(self.device, non_blocking=True)  # [B, T] uint8, one copy
-        crops, indices = unpack_rows(flat, decoder, [group.n for group in groups])
+        cut = cut_on_device if decoder.cut == "device" else unpack_rows
+        crops, indices = cut(flat, decoder, [group.n for group in groups])
         views = []
         for group, x in zip([gr for gr in groups if gr.n], crops, strict=True):
             out = augment_views(x, group.aug, g, self.aug.mean, self.aug.std, self.dtype)
@@ -218,8 +228,3 @@ class FFCVPipeline(TrainingPipeline):
 def _views_of(groups: list[ViewGroup]) -> list[tuple[int, tuple[float, float]]]:
     """(size, scale) of every view of `groups`, in order."""
     return [(g.size, g.scale) for g in groups for _ in range(g.n)]
-
-
-def _decoder(groups: list[ViewGroup]) -> MultiCropDecoder:
-    """One decoder cutting every view of `groups`, in order, from one decode."""
-    return MultiCropDecoder(_views_of(groups))

@@ -128,6 +128,8 @@ class StoreCrops:
         num_samples: samples in the train split.
         views: one (size, (scale_lo, scale_hi)) per view, as `MultiCropDecoder`.
         threads: numba threads of the kernel.
+        cut: ``"host"`` (the views cut here) or ``"device"`` (the images and boxes handed on),
+            as `MultiCropDecoder`.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class StoreCrops:
         num_samples: int,
         views: Sequence[tuple[int, tuple[float, float]]],
         threads: int,
+        cut: str = "host",
     ) -> None:
         check_threading_layer()
         self.store, self.views = store, list(views)
@@ -163,7 +166,8 @@ class StoreCrops:
         # pipelines.ffcv_ops must import FFCV first (it keeps torch's thread count).
         from ffcv.pipeline.compiler import Compiler
 
-        self.decoder = MultiCropDecoder(self.views)
+        self.decoder = MultiCropDecoder(self.views, cut=cut)
+        self.decoder.plan(int(store.height.max()), int(store.width.max()))
         self._crop = Compiler.compile(self.decoder.generate_code())
 
     def epoch(self, batches: np.ndarray, key: int) -> _Prefetch:

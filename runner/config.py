@@ -19,6 +19,7 @@ from model.config import LossConfig, ModelConfig, OptimConfig
 from pipelines.config import AugConfig, DataConfig
 
 PIPELINES = ("ffcv", "dali", "synthetic")
+CROPS = ("auto", "host", "device")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -201,6 +202,8 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
     d, r, a = cfg.data, cfg.run, cfg.aug
     if d.backend not in PIPELINES:
         raise ConfigError(f"--pipeline: unknown pipeline {d.backend!r}; choose from {PIPELINES}")
+    if d.crops not in CROPS:
+        raise ConfigError(f"--crops: unknown {d.crops!r}; choose from {CROPS}")
     if r.device not in DEVICES:
         raise ConfigError(f"--device: unknown device {r.device!r}; choose from {DEVICES}")
     if r.device == "cuda" and not cuda_available:

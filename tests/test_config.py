@@ -68,6 +68,7 @@ def test_unknown_preset_option_is_named(tmp_path):
         (["--classes-per-batch", "20"], "--classes-per-batch"),  # C > classes in the split
         (["--classes-per-batch", "4", "--images-per-class", "9"], "--images-per-class"),  # C*K
         (["--pipeline", "tfrecord"], "--pipeline"),
+        (["--crops", "gpu"], "--crops"),
         (["--device", "tpu"], "--device"),
         (["--precision", "fp16"], "--precision fp16"),
         (["--batch-size", "0"], "--batch-size"),

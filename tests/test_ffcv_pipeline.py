@@ -19,6 +19,7 @@ from convert.manifest import load_manifest
 from pipelines.common import epoch_order
 from pipelines.config import AugConfig, DataConfig
 from pipelines.errors import PipelineError
+from pipelines.ffcv_ops import cut_on_device, row_boxes, unpack_rows
 from pipelines.ffcv_pipeline import FFCVPipeline
 
 DATA = DataConfig(batch_size=64, classes_per_batch=5, images_per_class=2, num_workers=2)
@@ -117,6 +118,84 @@ def test_same_seed_and_epoch_give_identical_batches(pipe, epoch1):
     pipe.set_epoch(2)
     other = next(iter(pipe))
     assert not torch.equal(other.indices, first.indices)
+
+
+@pytest.fixture(scope="module")
+def device_cut(cifar_dataset):
+    """The same pipeline as `pipe` with the views cut where the batches go (a GPU run's way),
+    here on the CPU."""
+    data = replace(DATA, crops="device")
+    p = FFCVPipeline(
+        str(cifar_dataset), data, AUG, labeled_split(cifar_dataset), device="cpu", seed=3
+    )
+    yield p
+    p.close()
+
+
+def test_auto_cuts_on_the_workers_for_a_cpu_run(pipe, device_cut):
+    assert pipe.unlabeled_decoder.cut == pipe.labeled_decoder.cut == "host"
+    assert device_cut.unlabeled_decoder.cut == device_cut.labeled_decoder.cut == "device"
+
+
+def test_device_cut_gives_the_workers_crops_up_to_interpolation(pipe, device_cut):
+    """Same boxes either way: the crops differ only by the resize (OpenCV area vs roi_align)."""
+    counts = [AUG.n_large, AUG.n_small]
+    for p in (pipe, device_cut):
+        p.set_epoch(1)
+    host, dev = pipe.host_batches(), device_cut.host_batches()
+    (h_rows, h_lab), (d_rows, d_lab) = next(host), next(dev)
+    try:
+        for decoders, rows, n in (
+            ((pipe.unlabeled_decoder, device_cut.unlabeled_decoder), (h_rows, d_rows), counts),
+            ((pipe.labeled_decoder, device_cut.labeled_decoder), (h_lab, d_lab), [1]),
+        ):
+            h_crops, h_index = unpack_rows(rows[0], decoders[0], n)
+            d_crops, d_index = cut_on_device(rows[1], decoders[1], n)
+            assert torch.equal(h_index, d_index)
+            for a, b in zip(h_crops, d_crops, strict=True):
+                assert a.shape == b.shape and b.dtype == torch.float32
+                assert 0 <= b.min() and b.max() <= 1
+                diff = (a.float() / 255 - b).abs().mean(dim=(1, 2, 3))  # [n*B]
+                # interpolation only (most at tiny CIFAR boxes blown up to 16 or 32 px)
+                assert diff.median() < 0.03 and diff.max() < 0.1, diff
+                wrong = (a.float() / 255 - b.roll(1, 0)).abs().mean(dim=(1, 2, 3))
+                assert wrong.median() > 3 * diff.median()  # another image's crop is far off
+    finally:
+        host.close()
+        dev.close()
+
+
+def test_device_cut_rows_hold_the_image_its_edge_and_in_bounds_boxes(device_cut):
+    dec = device_cut.unlabeled_decoder
+    assert dec.plane == (33, 33)  # CIFAR's 32 px, plus the repeated edge
+    device_cut.set_epoch(0)
+    steps = device_cut.host_batches()
+    rows, _ = next(steps)
+    steps.close()
+    b = rows.shape[0]
+    plane = rows[:, : 33 * 33 * 3].view(b, 33, 33, 3)
+    assert torch.equal(plane[:, :32, 32], plane[:, :32, 31])  # last column repeated
+    assert torch.equal(plane[:, 32], plane[:, 31])  # last row (and the corner) repeated
+    boxes = row_boxes(rows, dec)  # [B, V, 4]
+    i, j, h, w = boxes.unbind(-1)
+    assert (i >= 0).all() and (j >= 0).all() and (h > 0).all() and (w > 0).all()
+    assert (i + h <= 32).all() and (j + w <= 32).all()
+    assert len({tuple(x) for x in boxes.reshape(-1, 4).tolist()}) > b  # boxes vary
+
+
+def test_device_cut_batches_match_the_contract(pipe, device_cut, epoch1):
+    device_cut.set_epoch(1)
+    got, want = next(iter(device_cut)), epoch1[0]
+    assert torch.equal(got.indices, want.indices)
+    assert torch.equal(got.labels, want.labels)
+    for a, b in zip(
+        got.unlabeled_views + got.labeled_views,
+        want.unlabeled_views + want.labeled_views,
+        strict=True,
+    ):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(a).all()
 
 
 def test_torch_thread_count_is_left_alone(pipe, epoch1):

@@ -1,5 +1,5 @@
-"""The CUDA paths: both pipelines delivering on the device (FFCV's ToDevice + device-side
-augmentation, DALI's `mixed` decode), AMP fp16 and bf16 training with channels-last, and the
+"""The CUDA paths: both pipelines delivering on the device (FFCV's views cut and augmented on
+the device, DALI's `mixed` decode), AMP fp16 and bf16 training with channels-last, and the
 benchmark's device-memory column. The whole module skips where torch sees no CUDA device.
 
 Limitation: no GPU was lent to the session that wrote these tests, so they have not yet run;
@@ -61,6 +61,36 @@ def test_pipelines_deliver_channels_last_views_on_the_gpu_in_the_asked_dtype(
         assert -4 < x.float().mean().item() < 4  # normalised, not 0..255
     assert b.labels.device.type == "cuda" and b.labels.shape == (10,)
     assert b.labels.unique().numel() == 5
+
+
+def test_ffcv_cuts_the_views_on_the_gpu_close_to_the_workers_cut(cifar_dataset):
+    pytest.importorskip("ffcv")
+    from dataclasses import replace
+
+    from pipelines.config import AugConfig, DataConfig
+    from pipelines.ffcv_ops import cut_on_device, unpack_rows
+    from pipelines.ffcv_pipeline import FFCVPipeline
+
+    data = DataConfig(batch_size=32, num_workers=2)
+    aug = AugConfig(n_large=2, large_size=32, n_small=2, small_size=16)
+    none = np.empty(0, dtype=np.int64)
+    gpu = FFCVPipeline(str(cifar_dataset), data, aug, none, device="cuda")  # crops auto
+    host = FFCVPipeline(str(cifar_dataset), replace(data, crops="host"), aug, none, device="cuda")
+    assert gpu.unlabeled_decoder.cut == "device" and host.unlabeled_decoder.cut == "host"
+    g_steps, h_steps = gpu.host_batches(), host.host_batches()
+    try:
+        g_rows, h_rows = next(g_steps)[0].cuda(), next(h_steps)[0].cuda()
+        g_crops, g_index = cut_on_device(g_rows, gpu.unlabeled_decoder, [2, 2])
+        h_crops, h_index = unpack_rows(h_rows, host.unlabeled_decoder, [2, 2])
+    finally:
+        g_steps.close()
+        h_steps.close()
+        gpu.close()
+        host.close()
+    assert torch.equal(g_index, h_index)
+    for g, h in zip(g_crops, h_crops, strict=True):
+        assert g.device.type == "cuda" and g.shape == h.shape
+        assert (g - h.float() / 255).abs().mean().item() < 0.03  # interpolation only
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

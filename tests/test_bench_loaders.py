@@ -1,0 +1,47 @@
+"""bench/loaders.py's report: goals judged on per-round ratios of loaders timed back to back."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.loaders import Row, build_report, paired  # noqa: E402
+
+
+def rows_of(rates: dict[str, list[float]]) -> dict[str, Row]:
+    return {k: Row(k, f"({k})", v) for k, v in rates.items()}
+
+
+def test_paired_ratio_cancels_drift_between_rounds():
+    # The machine runs at 1x, 2x, 0.5x speed in the three rounds; (c) is 0.8x (e) in each.
+    rows = rows_of({"c": [80.0, 160.0, 40.0], "e": [100.0, 200.0, 50.0]})
+    med, lo, hi = paired(rows, "c", "e")
+    assert (round(med, 6), round(lo, 6), round(hi, 6)) == (0.8, 0.8, 0.8)
+
+
+def test_report_judges_the_goals_on_paired_ratios():
+    rates = {
+        "a": [5.0, 10.0, 2.5],
+        "c_workers": [40.0, 80.0, 20.0],
+        "e": [100.0, 200.0, 50.0],
+        "c_host": [90.0, 150.0, 45.0],  # 0.9, 0.75, 0.9 of (e): median 0.9
+        "c_host_lab": [85.0, 100.0, 43.0],  # +6%, +50%, +5% data time: median +6%
+        "c_cpu": [30.0, 60.0, 15.0],
+        "c_cpu_lab": [20.0, 40.0, 10.0],  # +50% every round
+        "d": [20.0, 40.0, 10.0],
+        "d_lab": [19.0, 38.0, 9.5],
+    }
+    lines = {ln["label"]: ln for ln in build_report(rows_of(rates), {"first": 3.0}, quick=True)}
+    vs_decode = lines["(c) host-side vs decode only"]
+    assert vs_decode["ratio"].startswith("0.90x (e) (rounds 0.75-0.90)") and vs_decode["met"]
+    assert (
+        lines["(c_host_lab)"]["ratio"].startswith("+6% data time") and lines["(c_host_lab)"]["met"]
+    )
+    assert lines["(c_cpu_lab)"]["ratio"].startswith("+50%") and not lines["(c_cpu_lab)"]["met"]
+    assert lines["(c_workers)"]["ratio"].startswith("0.40x (e)")
+    assert lines["(c_host)"]["ratio"] == "18.00x (a)" and lines["(c_host)"]["met"]  # >= 10x
+    assert lines["first"]["ratio"] == "3.0 s" and lines["first"]["met"]
