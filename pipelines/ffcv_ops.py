@@ -7,12 +7,12 @@ compiled decoder; the caller splits the row with torch views. Where the views ar
 - ``cut="host"`` (CPU-only runs): the worker threads cut every view (random-resized crop +
   resize, OpenCV's area interpolation through FFCV's C library) into the row: the views in
   order, each ``[S_v, S_v, 3]`` (HWC), then 8 bytes holding the sample index (int64);
-- ``cut="device"`` (GPU runs): the worker threads only decode; the row holds the image on a
-  fixed ``[max_h + 1, max_w + 1, 3]`` plane and the views' crop boxes, and `cut_on_device`
-  cuts and resizes the views batched where the rows are. Cutting eight views costs the host
-  about as much as decoding the image (a 224 crop is as many pixels as the whole stored
-  image), so leaving it to the GPU about halves the host's work per image; the plane is also
-  fewer bytes to copy than the eight views.
+- ``cut="device"`` (GPU runs): the worker threads only decode; the row holds the part of the
+  image the views need on a fixed ``[max_h + 1, max_w + 1, 3]`` plane and the views' boxes,
+  and `cut_on_device` cuts and resizes the views batched where the rows are. Cutting eight
+  views costs the host about as much as decoding the image (a 224 crop is as many pixels as
+  the whole stored image), so leaving it to the GPU about halves the host's work per image
+  (bench/loaders.py); the plane is also fewer bytes to copy than the eight views.
 
 The heavy loops (`_multicrop_kernel`, `_image_kernel`) are numba functions compiled with
 ``cache=True``: they call FFCV's C library by symbol name (``imdecode``, ``resize``) rather
@@ -250,35 +250,49 @@ def _multicrop_kernel(
 def _image_kernel(batch_indices, out, scratch, metadata, mmap, ptrs, sizes, view_box, layout, key):
     """Decodes batch_indices[b] once and writes the image and its views' boxes into out[b].
 
-    The image goes to the top-left of a ``[plane_h, plane_w, 3]`` plane (plane_h 0: not written),
-    its last row and column repeated once beyond it, so that bilinear sampling up to half a
-    pixel past a crop's edge reads the edge; then per view (row, col, h, w, the same boxes as
-    `_multicrop_kernel`'s) as int32, then the image's (height, width) as int32, then the sample
-    index (int64). Arguments as `_multicrop_kernel`'s, but layout is ``[plane_h, plane_w,
-    box_offset, index_offset]``.
+    The part of the image that the views need (their boxes' union and a pixel around it; the
+    whole image without views) goes to the top-left of a ``[plane_h, plane_w, 3]`` plane
+    (plane_h 0: not written), its last row and column repeated once beyond it, so that bilinear
+    sampling up to half a pixel past a crop's edge reads the edge; then per view (row, col, h,
+    w: `_multicrop_kernel`'s boxes, relative to that part) as int32, then the part's (height,
+    width) as int32, then the sample index (int64). Arguments as `_multicrop_kernel`'s, but
+    layout is ``[plane_h, plane_w, box_offset, index_offset]``.
     """
-    plane_h, plane_w, box_offset, index_offset = layout[0], layout[1], layout[2], layout[3]
     batch_key = _batch_key(batch_indices)
-    n_views = len(view_box)
-    pitch = plane_w * 3  # bytes of a plane row
     for b in prange(len(batch_indices)):
         sample = batch_indices[b]
         source, height, width = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
-        row = out[b]
-        row[index_offset : index_offset + 8].view(np.uint64)[0] = np.uint64(sample)
-        boxes = row[box_offset : box_offset + 16 * n_views + 8].view(np.int32)  # [4V + 2]
-        boxes[4 * n_views] = height
-        boxes[4 * n_views + 1] = width
-        for v in range(n_views):
-            i, j, h, w = _box(key, batch_key, b, sample, v, height, width, view_box[v])
-            boxes[4 * v], boxes[4 * v + 1], boxes[4 * v + 2], boxes[4 * v + 3] = i, j, h, w
-        line = width * 3  # bytes of an image row
-        for y in range(min(height + 1, plane_h)):  # plane_h 0: no plane
-            at = row.ctypes.data + y * pitch
-            _memcpy(at, source + min(y, height - 1) * line, line)
-            if width < plane_w:
-                _memcpy(at + line, at + line - 3, 3)  # the last column, repeated
+        _image_row(out[b], source, height, width, sample, b, view_box, layout, key, batch_key)
     return out[: len(batch_indices)]
+
+
+@njit(cache=True, nogil=True)
+def _image_row(row, source, height, width, sample, b, view_box, layout, key, batch_key):
+    """`_image_kernel`'s row for the sample in slot b. A function of its own: numba 0.68's
+    parallel-loop pass drops some of these stores when they are written in the loop's body."""
+    plane_h, plane_w, box_offset, index_offset = layout[0], layout[1], layout[2], layout[3]
+    row[index_offset : index_offset + 8].view(np.uint64)[0] = np.uint64(sample)
+    n_views = len(view_box)
+    boxes = row[box_offset : box_offset + 16 * n_views + 8].view(np.int32)  # [4V + 2]
+    # The region the views need: their boxes' union, one pixel wider on each side that the
+    # image has (bilinear sampling reads up to half a pixel past a box's edge).
+    r0, r1, c0, c1 = (0, height, 0, width) if n_views == 0 else (height, 0, width, 0)
+    for v in range(n_views):
+        i, j, h, w = _box(key, batch_key, b, sample, v, height, width, view_box[v])
+        boxes[4 * v], boxes[4 * v + 1], boxes[4 * v + 2], boxes[4 * v + 3] = i, j, h, w
+        r0, r1, c0, c1 = min(r0, i), max(r1, i + h), min(c0, j), max(c1, j + w)
+    r0, r1, c0, c1 = max(r0 - 1, 0), min(r1 + 1, height), max(c0 - 1, 0), min(c1 + 1, width)
+    for v in range(n_views):  # boxes relative to the region
+        boxes[4 * v] -= r0
+        boxes[4 * v + 1] -= c0
+    boxes[4 * n_views], boxes[4 * n_views + 1] = r1 - r0, c1 - c0
+    line, stride, pitch = (c1 - c0) * 3, width * 3, plane_w * 3  # bytes of the rows
+    first = source + r0 * stride + c0 * 3
+    for y in range(min(r1 - r0 + 1, plane_h)):  # plane_h 0: no plane
+        at = row.ctypes.data + y * pitch
+        _memcpy(at, first + min(y, r1 - r0 - 1) * stride, line)
+        if c1 - c0 < plane_w:
+            _memcpy(at + line, at + line - 3, 3)  # the last column, repeated
 
 
 CUTS = ("host", "device", "decode")
@@ -418,7 +432,8 @@ def unpack_rows(
 
 
 def row_boxes(flat: torch.Tensor, decoder: MultiCropDecoder) -> torch.Tensor:
-    """The crop boxes (row, col, h, w) of a batch of rows (cut ``"device"``), ``[B, V, 4]``."""
+    """The crop boxes (row, col, h, w) of a batch of rows (cut ``"device"``), ``[B, V, 4]``, in
+    the coordinates of each row's plane."""
     b, n_views = flat.shape[0], len(decoder.view_size)
     at = decoder.box_offset
     raw = flat[:, at : at + 16 * n_views].contiguous().view(torch.int32)  # [B, 4V]

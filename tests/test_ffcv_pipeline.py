@@ -165,22 +165,27 @@ def test_device_cut_gives_the_workers_crops_up_to_interpolation(pipe, device_cut
         dev.close()
 
 
-def test_device_cut_rows_hold_the_image_its_edge_and_in_bounds_boxes(device_cut):
+def test_device_cut_rows_hold_the_views_region_its_edge_and_in_bounds_boxes(device_cut):
     dec = device_cut.unlabeled_decoder
     assert dec.plane == (33, 33)  # CIFAR's 32 px, plus the repeated edge
     device_cut.set_epoch(0)
     steps = device_cut.host_batches()
     rows, _ = next(steps)
     steps.close()
-    b = rows.shape[0]
+    b, n_views = rows.shape[0], len(dec.view_size)
     plane = rows[:, : 33 * 33 * 3].view(b, 33, 33, 3)
-    assert torch.equal(plane[:, :32, 32], plane[:, :32, 31])  # last column repeated
-    assert torch.equal(plane[:, 32], plane[:, 31])  # last row (and the corner) repeated
-    boxes = row_boxes(rows, dec)  # [B, V, 4]
+    raw = rows[:, dec.box_offset : dec.box_offset + 16 * n_views + 8].contiguous()
+    rh, rw = raw.view(torch.int32).view(b, -1)[:, -2:].unbind(-1)  # the region's size, [B]
+    boxes = row_boxes(rows, dec)  # [B, V, 4], in plane coordinates
     i, j, h, w = boxes.unbind(-1)
     assert (i >= 0).all() and (j >= 0).all() and (h > 0).all() and (w > 0).all()
-    assert (i + h <= 32).all() and (j + w <= 32).all()
+    assert (i + h <= rh[:, None]).all() and (j + w <= rw[:, None]).all()
+    assert (rh <= 32).all() and (rw <= 32).all() and (rw < 32).any()  # some regions are parts
     assert len({tuple(x) for x in boxes.reshape(-1, 4).tolist()}) > b  # boxes vary
+    for k in range(b):  # the region's last column and row, repeated once beyond it
+        y, x = int(rh[k]), int(rw[k])
+        assert torch.equal(plane[k, :y, x], plane[k, :y, x - 1])
+        assert torch.equal(plane[k, y, : x + 1], plane[k, y - 1, : x + 1])
 
 
 def test_device_cut_batches_match_the_contract(pipe, device_cut, epoch1):
