@@ -450,6 +450,9 @@ def cut_on_device(
     samples per output pixel where it is shrunk, as torchvision's antialiased resize.
 
     Args and returns as `unpack_rows`, except that each group is float32 in [0, 1].
+
+    Limitation: tested on the CPU only (against the workers' cut); its CUDA run is
+    tests/test_gpu.py's, which no GPU has run yet.
     """
     from torchvision.ops import roi_align
 
