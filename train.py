@@ -35,7 +35,7 @@ RUN_FILES = (CONFIG_JSON, SPLIT_FILE, "train.log", metrics.METRICS, metrics.CSV,
 RESUMABLE = {
     ("run", "epochs"), ("run", "log_interval"), ("run", "checkpoint_every"),
     ("run", "max_nonfinite"), ("run", "out"), ("data", "data"), ("data", "num_workers"),
-    ("run", "monitor_every"),
+    ("run", "monitor_every"), ("data", "crops"),
 }  # fmt: skip
 
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set SECTION.FIELD=VALUE. Tuples take commas: --large-scale 0.08,1.0. "
         "Precedence: defaults < --config preset < flags. --resume reads RUN_DIR/config.json "
         "back; only --epochs, --log-interval, --checkpoint-every, --max-nonfinite, --data, "
-        "--num-workers and --monitor-every may change on resume.",
+        "--num-workers, --crops and --monitor-every may change on resume.",
     )
     p.add_argument(
         "--config", help="preset TOML file (sections data, aug, model, loss, optim, run)"

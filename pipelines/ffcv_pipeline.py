@@ -109,6 +109,7 @@ class FFCVPipeline(TrainingPipeline):
             crops = "device" if self.device.type == "cuda" else "host"
         if crops not in ("host", "device"):
             raise PipelineError(f"crops: unknown {crops!r}; choose from auto, host, device")
+        self.crops = crops
         self.unlabeled_decoder = MultiCropDecoder(_views_of(self.unlabeled_groups), cut=crops)
         self.unlabeled_loader = self._loader(
             self.unlabeled_decoder, self.data.batch_size, self.unlabeled_order, self.data.drop_last
@@ -193,6 +194,13 @@ class FFCVPipeline(TrainingPipeline):
 
     def close(self) -> None:
         self.unlabeled_loader = self.labeled_crops = None
+
+    def _ready_note(self) -> str:
+        return (
+            " (views cut on the device)"
+            if self.crops == "device"
+            else " (views cut by the workers)"
+        )
 
     # ---- helpers ----
 

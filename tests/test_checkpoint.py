@@ -119,3 +119,14 @@ def test_resume_refuses_a_changed_option(tmp_path, capsys):
     assert run_main(out, "--epochs", "1") == 0
     assert load_train().main(["--out", str(out), "--resume", "--batch-size", "4"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_resume_may_move_the_cutting_of_views(tmp_path):
+    """--crops only says where the views are cut (a GPU run resumed on a CPU, say)."""
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1", "--crops", "device") == 0
+    assert (
+        load_train().main(["--out", str(out), "--resume", "--epochs", "2", "--crops", "host"]) == 0
+    )
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["crops"] == "host"

@@ -132,9 +132,18 @@ def device_cut(cifar_dataset):
     p.close()
 
 
-def test_auto_cuts_on_the_workers_for_a_cpu_run(pipe, device_cut):
+def test_auto_cuts_on_the_workers_for_a_cpu_run_and_the_log_says_where(
+    pipe, device_cut, cifar_dataset, caplog
+):
     assert pipe.unlabeled_decoder.cut == pipe.labeled_decoder.cut == "host"
     assert device_cut.unlabeled_decoder.cut == device_cut.labeled_decoder.cut == "device"
+    with caplog.at_level("INFO"):
+        for crops in ("auto", "device"):
+            data = replace(DATA, crops=crops)
+            none = np.empty(0, dtype=np.int64)
+            FFCVPipeline(str(cifar_dataset), data, AUG, none, device="cpu").close()
+    ready = [r.getMessage() for r in caplog.records if "pipeline ready" in r.getMessage()]
+    assert "(views cut by the workers)" in ready[0] and "(views cut on the device)" in ready[1]
 
 
 def test_device_cut_gives_the_workers_crops_up_to_interpolation(pipe, device_cut):
