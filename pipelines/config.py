@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROPS = ("auto", "host", "device")  # DataConfig.crops: where the FFCV views are cut
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from convert.manifest import Manifest, SplitInfo
 from pipelines.augment import augment_views, seed_generator, stable_key
 from pipelines.batch import Batch
 from pipelines.common import LABELED, UNLABELED, TrainingPipeline, ViewGroup
+from pipelines.config import CROPS
 from pipelines.errors import PipelineError
 from pipelines.ffcv_ops import (
     FixedOrder,
@@ -105,11 +106,10 @@ class FFCVPipeline(TrainingPipeline):
         # FFCV would set torch's thread count to num_workers: stop that.
         leave_torch_threads_alone()
         crops = self.data.crops
+        if crops not in CROPS:
+            raise PipelineError(f"crops: unknown {crops!r}; choose from {CROPS}")
         if crops == "auto":
             crops = "device" if self.device.type == "cuda" else "host"
-        if crops not in ("host", "device"):
-            raise PipelineError(f"crops: unknown {crops!r}; choose from auto, host, device")
-        self.crops = crops
         self.unlabeled_decoder = MultiCropDecoder(_views_of(self.unlabeled_groups), cut=crops)
         self.unlabeled_loader = self._loader(
             self.unlabeled_decoder, self.data.batch_size, self.unlabeled_order, self.data.drop_last
@@ -196,11 +196,8 @@ class FFCVPipeline(TrainingPipeline):
         self.unlabeled_loader = self.labeled_crops = None
 
     def _ready_note(self) -> str:
-        return (
-            " (views cut on the device)"
-            if self.crops == "device"
-            else " (views cut by the workers)"
-        )
+        where = "on the device" if self.unlabeled_decoder.cut == "device" else "by the workers"
+        return f" (views cut {where})"
 
     # ---- helpers ----
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import tomllib
 
 from model.config import LossConfig, ModelConfig, OptimConfig
-from pipelines.config import AugConfig, DataConfig
+from pipelines.config import CROPS, AugConfig, DataConfig
 
 PIPELINES = ("ffcv", "dali", "synthetic")
-CROPS = ("auto", "host", "device")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 

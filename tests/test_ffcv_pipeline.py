@@ -33,6 +33,11 @@ def labeled_split(data_dir, per_class: int = 6) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
+def all_views(batch) -> list[torch.Tensor]:
+    """A batch's unlabeled views, then its labeled ones."""
+    return batch.unlabeled_views + batch.labeled_views
+
+
 @pytest.fixture(scope="module")
 def pipe(cifar_dataset):
     p = FFCVPipeline(
@@ -53,7 +58,7 @@ def test_batches_have_configured_views_shapes_and_layout(pipe, epoch1):
     sizes = [32, 32] + [16] * 6
     assert [v.shape for v in b.unlabeled_views] == [(64, 3, s, s) for s in sizes]
     assert [v.shape for v in b.labeled_views] == [(10, 3, 32, 32)]
-    for v in b.unlabeled_views + b.labeled_views:
+    for v in all_views(b):
         assert v.dtype == torch.float32 and v.device.type == "cpu"
         assert v.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(v).all()
@@ -109,11 +114,7 @@ def test_same_seed_and_epoch_give_identical_batches(pipe, epoch1):
     first = epoch1[0]
     assert torch.equal(again.indices, first.indices)
     assert torch.equal(again.labeled_indices, first.labeled_indices)
-    for a, b in zip(
-        again.unlabeled_views + again.labeled_views,
-        first.unlabeled_views + first.labeled_views,
-        strict=True,
-    ):
+    for a, b in zip(all_views(again), all_views(first), strict=True):
         assert torch.equal(a, b)
     pipe.set_epoch(2)
     other = next(iter(pipe))
@@ -202,11 +203,7 @@ def test_device_cut_batches_match_the_contract(pipe, device_cut, epoch1):
     got, want = next(iter(device_cut)), epoch1[0]
     assert torch.equal(got.indices, want.indices)
     assert torch.equal(got.labels, want.labels)
-    for a, b in zip(
-        got.unlabeled_views + got.labeled_views,
-        want.unlabeled_views + want.labeled_views,
-        strict=True,
-    ):
+    for a, b in zip(all_views(got), all_views(want), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert a.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(a).all()
