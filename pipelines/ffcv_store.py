@@ -28,7 +28,7 @@ import torch
 from numba import njit, prange
 
 from pipelines.errors import PipelineError
-from pipelines.ffcv_ops import JPG_MODE, MultiCropDecoder, _imdecode
+from pipelines.ffcv_ops import JPG_MODE, MultiCropDecoder, _imdecode, find_size
 from pipelines.labeled_store import LabeledStore, open_store
 
 RAW_MODE = 1  # ffcv.fields.rgb_image.IMAGE_MODES["raw"]
@@ -50,7 +50,7 @@ def _decode_kernel(samples, out, out_offset, status, metadata, mmap, ptrs, sizes
     for k in prange(len(samples)):
         field = metadata[samples[k]]
         address = np.uint64(field["data_ptr"])
-        size = sizes[np.searchsorted(ptrs, address)]
+        size = find_size(ptrs, sizes, address)
         data = mmap[address : address + size]
         height, width = np.int64(field["height"]), np.int64(field["width"])
         dst = out[out_offset[k] : out_offset[k] + height * width * 3]
@@ -161,14 +161,10 @@ class StoreCrops:
         self.sizes = np.ascontiguousarray(store.height * store.width * 3, dtype=np.uint64)  # [L]
         self.max_pixels = int((store.height * store.width).max())
 
-        # The decoder's generated code, compiled as FFCV compiles it for a Loader (so the key
-        # reaches the kernel as uint64, exactly as in the unlabeled loader). Imported here:
-        # pipelines.ffcv_ops must import FFCV first (it keeps torch's thread count).
-        from ffcv.pipeline.compiler import Compiler
-
+        # The decoder's kernel, called with the argument types of the FFCV loader's
+        # generated code, so both streams share one compiled kernel.
         self.decoder = MultiCropDecoder(self.views, cut=cut)
         self.decoder.plan(int(store.height.max()), int(store.width.max()))
-        self._crop = Compiler.compile(self.decoder.generate_code())
 
     def epoch(self, batches: np.ndarray, key: int) -> _Prefetch:
         """Rows ``[C*K, T]`` uint8 for each batch of sample indices ``[steps, C*K]``, cut
@@ -183,10 +179,10 @@ class StoreCrops:
         b = batches.shape[1] if batches.size else 0
         scratch = np.empty((b, self.max_pixels * 3), dtype=np.uint8)  # [B, H*W*3]
         state = (self.store.pixels, self.ptrs, self.sizes)
-        crop, metadata = self._crop, self.metadata
+        decode, metadata = self.decoder.decode_batch, self.metadata
 
         def cut(ix: np.ndarray, out: np.ndarray) -> None:
-            crop(np.ascontiguousarray(ix, dtype=np.uint64), (out, scratch), metadata, state)
+            decode(np.ascontiguousarray(ix, dtype=np.uint64), out, scratch, metadata, state)
 
         ring = np.empty((AHEAD + 2, b, self.decoder.row_bytes), dtype=np.uint8)  # [R, B, T]
         return _Prefetch(batches, ring, cut, self.threads)

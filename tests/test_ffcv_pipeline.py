@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 from convert.manifest import load_manifest
@@ -207,6 +210,34 @@ def test_device_cut_batches_match_the_contract(pipe, device_cut, epoch1):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert a.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(a).all()
+
+
+def test_both_streams_of_both_cuts_share_one_compiled_kernel(cifar_dataset):
+    # In a fresh process (a signature compiled or loaded elsewhere would blur the count), a
+    # pipeline per cut, both streams on: the labeled stream calls the kernel the FFCV loader
+    # compiled (or loaded from numba's cache), with the same argument types, so each kernel
+    # holds one signature; a second one would be seconds of compilation in every new process.
+    child = f"""
+import numpy as np
+from dataclasses import replace
+from pipelines import ffcv_ops
+from pipelines.config import AugConfig, DataConfig
+from pipelines.ffcv_pipeline import FFCVPipeline
+data = {DATA!r}
+for crops in ("host", "device"):
+    p = FFCVPipeline({str(cifar_dataset)!r}, replace(data, crops=crops), {AUG!r},
+                     np.arange(0, 600, 3), device="cpu")
+    b = next(iter(p))
+    assert len(b.labeled_views) == 1
+print("signatures", len(ffcv_ops._multicrop_kernel.signatures),
+      len(ffcv_ops._image_kernel.signatures))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("signatures")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    assert lines[-1] == "signatures 1 1"
 
 
 def test_torch_thread_count_is_left_alone(pipe, epoch1):
