@@ -175,10 +175,13 @@ def reference_view(img: torch.Tensor, p, i: int, k: int) -> torch.Tensor:
 @SELECT
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=["uint8", "float"])
 @pytest.mark.parametrize("strength", [1.0, 1.5])
-def test_views_match_step_by_step_definition(select, dtype, strength, monkeypatch):
+@pytest.mark.parametrize("small_image", [augment.SMALL_IMAGE, 0], ids=["gather", "per-image"])
+def test_views_match_step_by_step_definition(select, dtype, strength, small_image, monkeypatch):
     # Noise and smooth images, so brightness and contrast clip often; every coin mixed; chunks
-    # of 5 images in the selected path (the last one partial).
+    # of 5 images in the selected path (the last one partial), flipped by one gather (40 px
+    # images are small) or one image at a time (as large images are).
     monkeypatch.setattr(augment, "CHUNK_BYTES", 5 * 40 * 40 * 12)
+    monkeypatch.setattr(augment, "SMALL_IMAGE", small_image)
     noise = torch.randint(0, 256, (12, 40, 40, 3), generator=torch.Generator().manual_seed(0))
     x = torch.cat([noise.to(torch.uint8), images(11, 40)])  # [23, 40, 40, 3]
     if dtype != torch.uint8:
@@ -192,6 +195,20 @@ def test_views_match_step_by_step_definition(select, dtype, strength, monkeypatc
     k = blur_kernel_size(40)
     ref = torch.stack([reference_view(x[i], p, i, k) for i in range(len(x))])  # [23, 3, 40, 40]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+@SELECT
+def test_several_batches_are_augmented_as_their_concatenation(select, monkeypatch):
+    # Chunks of 4 images: the first batch's last chunk is partial, so chunks stop at a batch's end.
+    monkeypatch.setattr(augment, "CHUNK_BYTES", 4 * 24 * 24 * 12)
+    a, b = images(7, 24, seed=1), images(3, 24, seed=2)
+    aug = ViewAug(color_p=0.5, gray_p=0.5, blur_p=0.5)
+    joined = augment_views(torch.cat([a, b]), aug, seed_generator("cpu", 11), MEAN, STD)
+    parts = augment_views([a, b], aug, seed_generator("cpu", 11), MEAN, STD, select=select)
+    torch.testing.assert_close(parts, joined, rtol=0, atol=1e-5)
+    assert parts.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="different sizes"):
+        augment_views([a, images(2, 16)], aug, seed_generator("cpu", 11), MEAN, STD)
 
 
 def test_masked_path_reads_nothing_on_the_host():

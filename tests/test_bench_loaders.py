@@ -35,7 +35,12 @@ def test_report_judges_the_goals_on_paired_ratios():
         "d": [20.0, 40.0, 10.0],
         "d_lab": [19.0, 38.0, 9.5],
     }
-    lines = {ln["label"]: ln for ln in build_report(rows_of(rates), {"first": 3.0}, quick=True)}
+    lines = {
+        ln["label"]: ln
+        for ln in build_report(
+            rows_of(rates), {"first": [3.0], "first x3": [13.0, 9.0, 11.5]}, quick=True
+        )
+    }
     vs_decode = lines["(c) host-side vs decode only"]
     assert vs_decode["ratio"].startswith("0.90x (e) (rounds 0.75-0.90)") and vs_decode["met"]
     assert (
@@ -45,3 +50,5 @@ def test_report_judges_the_goals_on_paired_ratios():
     assert lines["(c_workers)"]["ratio"].startswith("0.40x (e)")
     assert lines["(c_host)"]["ratio"] == "18.00x (a)" and lines["(c_host)"]["met"]  # >= 10x
     assert lines["first"]["ratio"] == "3.0 s" and lines["first"]["met"]
+    assert lines["first x3"]["ratio"] == "11.5 s (launches 9.0-13.0 s)"  # the median launch
+    assert lines["first x3"]["met"]
