@@ -222,6 +222,16 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
         raise ConfigError("--classes-per-batch and --images-per-class must be >= 1")
     if d.n_supervised_views < 1:
         raise ConfigError("--n-supervised-views: must be >= 1")
+    # SuNCEt pulls each labeled view towards the others of its class in the global labeled
+    # batch: with one image per class and one view, and no other rank sharing the classes,
+    # there are none, and the loss is 0 at every step.
+    shared = world_size if not d.per_rank_classes else 1
+    if cfg.loss.sup_weight > 0 and d.images_per_class * d.n_supervised_views * shared < 2:
+        raise ConfigError(
+            f"--images-per-class {d.images_per_class} with --n-supervised-views "
+            f"{d.n_supervised_views}: SuNCEt needs a second view of each class in the labeled "
+            "batch (its positives); use --images-per-class >= 2 or --n-supervised-views >= 2"
+        )
     if a.n_large + a.n_small < 2:
         raise ConfigError("--n-large/--n-small: NT-Xent needs at least 2 unlabeled views")
     for name in ("epochs", "log_interval", "max_nonfinite"):

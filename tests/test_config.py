@@ -73,6 +73,7 @@ def test_unknown_preset_option_is_named(tmp_path):
         (["--precision", "fp16"], "--precision fp16"),
         (["--batch-size", "0"], "--batch-size"),
         (["--epochs", "0"], "--epochs"),
+        (["--images-per-class", "1"], "--images-per-class 1"),  # SuNCEt without positives
     ],
 )
 def test_impossible_settings_fail_before_work_naming_the_option(tmp_path, capsys, flags, option):
@@ -86,6 +87,17 @@ def test_impossible_settings_fail_before_work_naming_the_option(tmp_path, capsys
 def test_cuda_without_cuda_is_refused(tmp_path, capsys):
     assert load_train().main([*TINY, "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_one_image_per_class_needs_a_second_view_or_rank_or_simclr():
+    cfg = rc.apply(rc.TrainConfig(), {"data": {"images_per_class": 1}}, "t")
+    with pytest.raises(rc.ConfigError, match="positives"):
+        rc.validate(cfg, False)
+    rc.validate(rc.apply(cfg, {"data": {"n_supervised_views": 2}}, "t"), False)
+    rc.validate(cfg, False, world_size=2)  # the other rank draws the same classes
+    with pytest.raises(rc.ConfigError, match="positives"):
+        rc.validate(rc.apply(cfg, {"data": {"per_rank_classes": True}}, "t"), False, world_size=2)
+    rc.validate(rc.apply(cfg, {"loss": {"sup_weight": 0.0}}, "t"), False)  # plain SimCLR
 
 
 def test_global_batch_below_world_size_is_refused():
