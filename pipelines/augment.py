@@ -170,6 +170,8 @@ def augment_views(
         ``[N, 3, H, W]`` in channels-last memory format, normalized, in `dtype`.
     """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not parts:
+        raise ValueError("augment_views: no batch given")
     for part in parts:
         if part.dim() != 4 or part.shape[-1] != 3:
             raise ValueError(f"augment_views expects [N, H, W, 3], got {list(part.shape)}")

@@ -209,6 +209,8 @@ def test_several_batches_are_augmented_as_their_concatenation(select, monkeypatc
     assert parts.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="different sizes"):
         augment_views([a, images(2, 16)], aug, seed_generator("cpu", 11), MEAN, STD)
+    with pytest.raises(ValueError, match="no batch"):
+        augment_views([], aug, seed_generator("cpu", 11), MEAN, STD)
 
 
 def test_masked_path_reads_nothing_on_the_host():
