@@ -3,7 +3,8 @@ the device, DALI's `mixed` decode), AMP fp16 and bf16 training with channels-las
 benchmark's device-memory column. The whole module skips where torch sees no CUDA device.
 
 Limitation: no GPU was lent to the session that wrote these tests, so they have not yet run;
-the first session with a GPU must run `pytest tests/test_gpu.py` and fix what it finds.
+the first session with a GPU must run them (`scripts/device_check.sh` does, with the GPU
+benchmark) and fix what it finds.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ CUDA_TINY = [a if a != "cpu" else "cuda" for a in TINY]  # the synthetic run, on
 def test_pipelines_deliver_channels_last_views_on_the_gpu_in_the_asked_dtype(
     cifar_dataset, backend, dtype
 ):
-    pytest.importorskip("ffcv")
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip({"ffcv": "ffcv", "dali": "nvidia.dali"}[backend])
     from convert.manifest import load_manifest
     from pipelines.build import build_pipeline
     from pipelines.config import AugConfig, DataConfig
