@@ -359,6 +359,7 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         boxes = 0 if self.cut == "host" else 16 * len(self.view_size) + 8
         self.index_offset = self.box_offset + boxes
         self.row_bytes = self.index_offset + 8
+        self._kernel_args = None  # `kernel`'s arrays, made once per layout
 
     def set_key(self, key: int) -> None:
         """Sets the crop randomness for the batches decoded from now on."""
@@ -385,16 +386,16 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         """The compiled kernel and its arguments between the storage state and the key, as
         read-only arrays (numba types a closure's arrays so: one compiled kernel serves both
         the generated code and `decode_batch`)."""
-        if self.cut == "host":
-            kernel = _multicrop_kernel
-            args = (self.view_size, self.view_offset, self.view_box, [self.index_offset])
-        else:
-            kernel = _image_kernel
-            args = (self.view_box, [*self.plane, self.box_offset, self.index_offset])
-        args = tuple(np.array(a, dtype=np.asarray(a).dtype) for a in args)
-        for a in args:
-            a.setflags(write=False)
-        return kernel, args
+        kernel = _multicrop_kernel if self.cut == "host" else _image_kernel
+        if self._kernel_args is None:
+            if self.cut == "host":
+                args = (self.view_size, self.view_offset, self.view_box, [self.index_offset])
+            else:
+                args = (self.view_box, [*self.plane, self.box_offset, self.index_offset])
+            self._kernel_args = tuple(np.array(a, dtype=np.asarray(a).dtype) for a in args)
+            for a in self._kernel_args:
+                a.setflags(write=False)
+        return kernel, self._kernel_args
 
     def decode_batch(self, batch_indices, out, scratch, metadata, storage_state) -> np.ndarray:
         """The generated code's work, called from Python: the rows of `batch_indices`
