@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
+import io
 import logging
 import multiprocessing
 import os
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 SKIPPED_NAME = "skipped.txt"
+WARNED_NAME = "warned.txt"
 TMP_SUFFIX = ".tmp"
 
 # A truncated file must be a skip, never a silently grey-padded sample.
@@ -58,6 +62,7 @@ class SourceDataset:
     roots: dict[str, Path]  # split -> folder its file names are relative to
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path under src, reason)
     limit_per_class: int | None = None
+    warned: list[tuple[str, str]] = field(default_factory=list)  # kept; (path, libjpeg's warning)
 
     def path(self, split: str, index: int) -> Path:
         return self.roots[split] / self.splits[split].files[index]
@@ -138,33 +143,107 @@ def open_source(path: str | os.PathLike):
 
 
 def check_image(path: str | os.PathLike) -> str | None:
-    """Cheaply checks that a file decodes; returns the reason it cannot be used, or None.
+    """Cheaply checks that a file decodes; returns the reason it cannot be used, or None."""
+    return inspect_image(path)[0]
 
-    JPEGs are decoded at 1/8 scale (PIL ``draft``): libjpeg still reads every entropy-coded
-    segment, so a truncated file fails here as it would at full scale (verified on real
-    ImageNet files cut at 30..99 % and with the EOI marker removed). Other formats decode fully.
+
+def inspect_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """Checks one source file: (why it cannot be used, or None; libjpeg's warning, or None).
+
+    JPEGs (RGB or grayscale) are first decoded at 1/8 scale by TurboJPEG (`jpeg_problem`);
+    one that decodes without a word is good. Any other file, and a JPEG TurboJPEG has
+    something to say about, is decoded by PIL, at 1/8 scale for JPEGs (``draft``): libjpeg
+    still reads every entropy-coded segment, so a truncated file fails there as it would at
+    full scale (verified on real ImageNet files cut at 30..99 % and with the EOI marker
+    removed). A JPEG that PIL decodes but TurboJPEG warns about has damage that libjpeg only
+    warns about (garbage inside the entropy-coded data, an EOI marker in mid-scan, bytes
+    before a marker): it decodes with grey or garbled areas, and PIL drops the warning.
+    Garbage that happens to be valid entropy-coded data decodes without a warning: no decoder
+    can tell it from an image.
     """
-    # Limitation: damage that libjpeg only warns about (an EOI marker in mid-scan, garbage
-    # bytes inside the entropy-coded data: "Corrupt JPEG data: ...") decodes to a partly grey
-    # or garbled image that is kept; PIL does not report libjpeg's warnings. A damaged header,
-    # a scan cut short and every error libjpeg raises are caught.
     try:
         with open_source(path) as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return "empty file"
-            try:
-                with Image.open(f) as im:
-                    im.draft("RGB", (1, 1))
-                    im.load()
-                    im.convert("RGB")
-            except UnidentifiedImageError:
-                return "not an image (PIL cannot identify it)"
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-                kind = "truncated" if "truncated" in str(e).lower() else "undecodable"
-                return f"{kind} ({type(e).__name__}: {e})"
+            data = f.read()
     except OSError as e:
-        return f"unreadable ({type(e).__name__}: {e.strerror or e})"
-    return None
+        return f"unreadable ({type(e).__name__}: {e.strerror or e})", None
+    if not data:
+        return "empty file", None
+    problem: tuple[str, str] | None = ("unchecked", "")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                problem = jpeg_problem(data)
+                if problem is None:
+                    return None, None
+            im.draft("RGB", (1, 1))
+            im.load()
+            im.convert("RGB")
+    except UnidentifiedImageError:
+        return "not an image (PIL cannot identify it)", None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+        kind = "truncated" if "truncated" in str(e).lower() else "undecodable"
+        return f"{kind} ({type(e).__name__}: {e})", None
+    # TurboJPEG's errors without PIL's are formats it lacks (PIL has the last word on those).
+    return None, problem[1] if problem[0] == "warning" else None
+
+
+class _TurboJPEG:
+    """The few calls of libjpeg-turbo's TurboJPEG API (the library FFCV decodes with) that
+    report libjpeg's warnings: ``tjDecompress2`` returns -1 with ``tjGetErrorCode`` 0
+    (TJERR_WARNING) and the message in ``tjGetErrorStr2``. No dependency of this project
+    exposes them (PIL drops them; OpenCV, FFCV and torchvision print them to stderr at most).
+    """
+
+    FLAGS = 2048  # TJFLAG_FASTDCT
+    RGB = 0  # TJPF_RGB
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        lib.tjInitDecompress.restype = ctypes.c_void_p
+        lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong]
+        lib.tjDecompressHeader3.argtypes += [ctypes.POINTER(ctypes.c_int)] * 4
+        lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong]
+        lib.tjDecompress2.argtypes += [ctypes.c_void_p] + [ctypes.c_int] * 5
+        lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
+        lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
+        lib.tjGetErrorStr2.restype = ctypes.c_char_p
+        self.handle = lib.tjInitDecompress()
+
+    def problem(self, data: bytes) -> tuple[str, str] | None:
+        """None if the JPEG decodes cleanly at 1/8 scale, else ("warning" | "error", message)."""
+        w, h, sub, space = (ctypes.c_int() for _ in range(4))
+        refs = (ctypes.byref(w), ctypes.byref(h), ctypes.byref(sub), ctypes.byref(space))
+        if self.lib.tjDecompressHeader3(self.handle, data, len(data), *refs) == 0:
+            sw, sh = -(-w.value // 8), -(-h.value // 8)  # the 1/8 scale's size (TJSCALED)
+            out = ctypes.create_string_buffer(sw * sh * 3)
+            args = (out, sw, 0, sh, self.RGB, self.FLAGS)
+            if self.lib.tjDecompress2(self.handle, data, len(data), *args) == 0:
+                return None
+        kind = "warning" if self.lib.tjGetErrorCode(self.handle) == 0 else "error"
+        return kind, self.lib.tjGetErrorStr2(self.handle).decode(errors="replace")
+
+
+_turbojpeg: _TurboJPEG | None | bool = False  # False: not loaded yet (in this process)
+
+
+def jpeg_problem(data: bytes) -> tuple[str, str] | None:
+    """What libjpeg says decoding these JPEG bytes: None (nothing), ("warning", "Corrupt JPEG
+    data: ...") or ("error", message). ("unchecked", "") where libturbojpeg cannot be loaded
+    (logged): damage that libjpeg only warns about then goes undetected.
+    """
+    global _turbojpeg
+    if _turbojpeg is False:
+        name = ctypes.util.find_library("turbojpeg") or "libturbojpeg.so.0"
+        try:
+            _turbojpeg = _TurboJPEG(ctypes.CDLL(name))
+        except OSError as e:
+            log.warning(
+                "libturbojpeg not loaded (%s): JPEG damage that libjpeg only warns "
+                "about is not detected; install libturbojpeg0",
+                e,
+            )
+            _turbojpeg = None
+    return ("unchecked", "") if _turbojpeg is None else _turbojpeg.problem(data)
 
 
 def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
@@ -204,27 +283,38 @@ def prepare_source(
     limit_per_class: int | None = None,
     workers: int = 1,
     strict: bool = False,
+    skip_warned: bool = False,
 ) -> SourceDataset:
     """Scans and validates an ImageFolder tree into the sample list both formats share.
 
+    A JPEG that decodes with a libjpeg warning is kept and listed in `SourceDataset.warned`
+    (with `skip_warned`, skipped instead).
+
     Raises:
         ConversionError: on an empty class folder, a class left with no decodable image, or
-            (with `strict`) the first file that cannot be used.
+            (with `strict`) the first file that cannot be used or that libjpeg warns about.
     """
     src = Path(src).resolve()
     classes, candidates, roots = scan_tree(src, limit_per_class)
     splits: dict[str, SplitInfo] = {}
     skipped: list[tuple[str, str]] = []
+    warned: list[tuple[str, str]] = []
     for split, found in candidates.items():
         paths = [str(roots[split] / f) for f, _ in found]
-        reasons = parallel_map(check_image, paths, workers, f"validate {split}", chunksize=32)
+        checks = parallel_map(inspect_image, paths, workers, f"validate {split}", chunksize=32)
         keep = SplitInfo(files=[], labels=[])
-        for (rel, label), path, reason in zip(found, paths, reasons, strict=True):
+        for (rel, label), path, (reason, warning) in zip(found, paths, checks, strict=True):
+            shown = os.path.relpath(path, src)
+            if warning is not None:
+                if strict or skip_warned:
+                    reason = f"libjpeg warning ({warning})"
+                else:
+                    log.warning("keeping %s, which libjpeg warns about: %s", shown, warning)
+                    warned.append((shown, warning))
             if reason is None:
                 keep.files.append(rel)
                 keep.labels.append(label)
                 continue
-            shown = os.path.relpath(path, src)
             if strict:
                 raise ConversionError(f"{path}: {reason} (--strict stops at the first bad file)")
             log.warning("skipping %s: %s", shown, reason)
@@ -237,7 +327,7 @@ def prepare_source(
                 f"(see the skipped files above); replace their images or remove the folders"
             )
         splits[split] = keep
-    return SourceDataset(src, classes, splits, roots, skipped, limit_per_class)
+    return SourceDataset(src, classes, splits, roots, skipped, limit_per_class, warned)
 
 
 def _has_candidates(found: list[tuple[str, int]], label: int) -> bool:
@@ -403,13 +493,16 @@ def write_outputs(
     existing: Manifest | None,
     staging: Staging,
 ) -> Manifest:
-    """Stages ``skipped.txt``, commits every staged file, then writes the manifest last.
+    """Stages ``skipped.txt`` and ``warned.txt``, commits every staged file, then writes the
+    manifest last.
 
     Keeps the other format's section when the existing manifest describes the same samples;
     otherwise (``--force``) deletes the files that section listed.
     """
     skipped = staging.tmp(out / SKIPPED_NAME)
     skipped.write_text("".join(f"{p}\t{r}\n" for p, r in source.skipped))
+    warned = staging.tmp(out / WARNED_NAME)
+    warned.write_text("".join(f"{p}\t{r}\n" for p, r in source.warned))
 
     formats: dict[str, dict] = {}
     if existing is not None:
@@ -436,9 +529,11 @@ def file_bytes(out: Path, files: Iterable[str]) -> int:
 
 def summary_line(fmt: str, source: SourceDataset, num_bytes: int, seconds: float) -> str:
     n = source.num_samples
+    warned = f" ({len(source.warned)} with libjpeg warnings, kept: {WARNED_NAME})"
     return (
-        f"{fmt}: {n} images, {len(source.classes)} classes, {len(source.skipped)} skipped, "
-        f"{num_bytes / 1e6:.1f} MB written, {seconds:.1f} s, {n / max(seconds, 1e-9):.0f} images/s"
+        f"{fmt}: {n} images{warned if source.warned else ''}, {len(source.classes)} classes, "
+        f"{len(source.skipped)} skipped, {num_bytes / 1e6:.1f} MB written, {seconds:.1f} s, "
+        f"{n / max(seconds, 1e-9):.0f} images/s"
     )
 
 
@@ -472,7 +567,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep only the first N files of each class folder (before validation)",
     )
-    parser.add_argument("--strict", action="store_true", help="fail at the first bad file")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail at the first bad file (one libjpeg warns about included)",
+    )
+    parser.add_argument(
+        "--skip-warned",
+        action="store_true",
+        help="skip JPEGs that decode with a libjpeg warning (corrupt data: grey or garbled "
+        f"areas) instead of keeping them and listing them in {WARNED_NAME}",
+    )
     parser.add_argument(
         "--force", action="store_true", help="replace a folder holding a different dataset"
     )
@@ -491,7 +596,11 @@ def start(args: argparse.Namespace) -> tuple[SourceDataset, Manifest | None, flo
     """Validates the tree and checks the output folder before anything is written."""
     t0 = time.perf_counter()
     source = prepare_source(
-        args.src, limit_per_class=args.limit_per_class, workers=args.workers, strict=args.strict
+        args.src,
+        limit_per_class=args.limit_per_class,
+        workers=args.workers,
+        strict=args.strict,
+        skip_warned=args.skip_warned,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     existing = check_existing(args.out, source, args.force)

@@ -9,6 +9,7 @@ Layout of a dataset folder written by ``convert/``::
     DATA/shards/train-00000.idx  DALI's index for fn.readers.webdataset (made by wds2idx)
     DATA/shards/train-offsets.npy  [N, 3] int64: shard number, byte offset, byte size of each .jpg
     DATA/skipped.txt             files the converter could not decode, one "path<TAB>reason" a line
+    DATA/warned.txt              JPEGs kept although libjpeg warned ("path<TAB>warning" a line)
 
 Sample ``i`` of a split is the same image, with the same label, in every format.
 """

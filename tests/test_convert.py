@@ -298,6 +298,81 @@ def test_manifest_lists_the_same_samples_for_both_converters(bad_dataset, bad_tr
         assert info.fingerprint() == manifest.splits[split].fingerprint()
 
 
+def damaged_jpegs() -> dict[str, bytes]:
+    """A clean JPEG and three copies with damage that libjpeg only warns about."""
+    rng = np.random.default_rng(0)  # this garbage is garbage libjpeg notices (not all is)
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(rng, 96, 128)).save(buf, format="JPEG", quality=90)
+    clean = buf.getvalue()
+    scan = clean.index(b"\xff\xda") + 20  # inside the entropy-coded data
+    garbled = bytearray(clean)
+    garbled[scan : scan + 40] = rng.integers(0, 255, size=40, dtype=np.uint8).tobytes()
+    return {
+        "clean": clean,
+        "garbled": bytes(garbled),
+        "eoi_mid_scan": clean[: (scan + len(clean)) // 2] + b"\xff\xd9",
+        "bytes_before_eoi": clean[:-2] + bytes(100) + b"\xff\xd9",
+    }
+
+
+def test_damage_libjpeg_only_warns_about_is_reported_with_its_message(tmp_path):
+    """PIL decodes these without a word; the check returns libjpeg's warning for each."""
+    files = damaged_jpegs()
+    for name, data in files.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        Image.open(tmp_path / f"{name}.jpg").load()  # PIL: no error
+        error, warning = common.inspect_image(tmp_path / f"{name}.jpg")
+        assert error is None, (name, error)
+        if name == "clean":
+            assert warning is None
+        else:
+            assert warning is not None and warning.startswith("Corrupt JPEG data"), (name, warning)
+    rng = np.random.default_rng(1)
+    save_jpeg(tmp_path / "cmyk.jpg", smooth_image(rng, 40, 48), "CMYK")
+    save_jpeg(tmp_path / "gray.jpg", smooth_image(rng, 40, 48), "L")
+    Image.fromarray(smooth_image(rng, 40, 48)).save(tmp_path / "png.jpg", format="PNG")
+    for name in ("cmyk", "gray", "png"):
+        assert common.inspect_image(tmp_path / f"{name}.jpg") == (None, None), name
+
+
+def test_jpegs_libjpeg_warns_about_are_kept_and_listed_or_skipped_or_stop_strict(tmp_path):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "tree"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for k in range(3):
+            save_jpeg(src / c / f"{k}.jpg", smooth_image(rng, 40, 48))
+    files = damaged_jpegs()
+    (src / "a" / "garbled.jpg").write_bytes(files["garbled"])
+    (src / "b" / "cut_eoi.jpg").write_bytes(files["eoi_mid_scan"])
+    warned = {"a/garbled.jpg", "b/cut_eoi.jpg"}  # a flat tree: its train split
+
+    out = tmp_path / "kept"
+    imagenet_to_dali.main(["--src", str(src), "--out", str(out), "--workers", "2"])
+    lines = dict(line.split("\t") for line in (out / common.WARNED_NAME).read_text().splitlines())
+    assert set(lines) == warned
+    assert all(msg.startswith("Corrupt JPEG data") for msg in lines.values()), lines
+    assert (out / common.SKIPPED_NAME).read_text() == ""
+    manifest = load_manifest(out)
+    assert warned <= set(manifest.splits["train"].files)
+    assert manifest.splits["train"].num_samples == 8
+    source = common.prepare_source(src)
+    assert "8 images (2 with libjpeg warnings, kept: warned.txt)" in common.summary_line(
+        "dali", source, 0, 1.0
+    )
+
+    out = tmp_path / "skipped"
+    imagenet_to_dali.main(["--src", str(src), "--out", str(out), "--skip-warned"])
+    lines = dict(line.split("\t") for line in (out / common.SKIPPED_NAME).read_text().splitlines())
+    assert set(lines) == warned
+    assert all(r.startswith("libjpeg warning (Corrupt JPEG data") for r in lines.values())
+    assert (out / common.WARNED_NAME).read_text() == ""
+    assert load_manifest(out).splits["train"].num_samples == 6
+
+    with pytest.raises(common.ConversionError, match=r"a/garbled\.jpg: libjpeg warning \(Corrupt"):
+        imagenet_to_dali.main(["--src", str(src), "--out", str(tmp_path / "strict"), "--strict"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The output folder
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +388,7 @@ def small_tree(root: Path, classes: tuple[str, ...], per_class: int = 3) -> Path
 
 
 def finished_looking(out: Path) -> list[str]:
-    names = [MANIFEST_NAME, "train.beton", "val.beton", common.SKIPPED_NAME]
+    names = [MANIFEST_NAME, "train.beton", "val.beton", common.SKIPPED_NAME, common.WARNED_NAME]
     found = [n for n in names if (out / n).exists()]
     return found + [p.name for p in out.glob("shards/*") if p.suffix in (".tar", ".idx", ".npy")]
 
