@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 SKIPPED_NAME = "skipped.txt"
 WARNED_NAME = "warned.txt"
+WARNING_SKIP = "libjpeg warning"  # the reason in skipped.txt with --skip-warned
 TMP_SUFFIX = ".tmp"
 
 # A truncated file must be a skip, never a silently grey-padded sample.
@@ -150,16 +151,15 @@ def check_image(path: str | os.PathLike) -> str | None:
 def inspect_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
     """Checks one source file: (why it cannot be used, or None; libjpeg's warning, or None).
 
-    JPEGs (RGB or grayscale) are first decoded at 1/8 scale by TurboJPEG (`jpeg_problem`);
-    one that decodes without a word is good. Any other file, and a JPEG TurboJPEG has
-    something to say about, is decoded by PIL, at 1/8 scale for JPEGs (``draft``): libjpeg
-    still reads every entropy-coded segment, so a truncated file fails there as it would at
-    full scale (verified on real ImageNet files cut at 30..99 % and with the EOI marker
-    removed). A JPEG that PIL decodes but TurboJPEG warns about has damage that libjpeg only
-    warns about (garbage inside the entropy-coded data, an EOI marker in mid-scan, bytes
-    before a marker): it decodes with grey or garbled areas, and PIL drops the warning.
-    Garbage that happens to be valid entropy-coded data decodes without a warning: no decoder
-    can tell it from an image.
+    PIL, which the writing pass decodes with, has the word on errors. JPEGs are decoded at 1/8
+    scale (``draft``): libjpeg still reads every entropy-coded segment, so a truncated file
+    fails here as it would at full scale (verified on real ImageNet files cut at 30..99 % and
+    with the EOI marker removed); other formats decode fully. A JPEG that PIL decodes is then
+    decoded again at 1/8 scale by TurboJPEG (`jpeg_warning`) for libjpeg's warnings, which PIL
+    drops: damage that libjpeg only warns about (garbage inside the entropy-coded data, an EOI
+    marker in mid-scan, bytes before a marker) decodes with grey or garbled areas. Garbage that
+    happens to be valid entropy-coded data decodes without a warning: no decoder can tell it
+    from an image.
     """
     try:
         with open_source(path) as f:
@@ -168,13 +168,9 @@ def inspect_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
         return f"unreadable ({type(e).__name__}: {e.strerror or e})", None
     if not data:
         return "empty file", None
-    problem: tuple[str, str] | None = ("unchecked", "")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG" and im.mode in ("RGB", "L"):
-                problem = jpeg_problem(data)
-                if problem is None:
-                    return None, None
+            is_jpeg = im.format == "JPEG"
             im.draft("RGB", (1, 1))
             im.load()
             im.convert("RGB")
@@ -183,8 +179,7 @@ def inspect_image(path: str | os.PathLike) -> tuple[str | None, str | None]:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
         kind = "truncated" if "truncated" in str(e).lower() else "undecodable"
         return f"{kind} ({type(e).__name__}: {e})", None
-    # TurboJPEG's errors without PIL's are formats it lacks (PIL has the last word on those).
-    return None, problem[1] if problem[0] == "warning" else None
+    return None, jpeg_warning(data) if is_jpeg else None
 
 
 class _TurboJPEG:
@@ -195,11 +190,13 @@ class _TurboJPEG:
     """
 
     FLAGS = 2048  # TJFLAG_FASTDCT
-    RGB = 0  # TJPF_RGB
+    RGB, CMYK = 0, 11  # TJPF_RGB, TJPF_CMYK (TurboJPEG cannot turn CMYK into RGB)
+    CMYK_SPACES = (3, 4)  # TJCS_CMYK, TJCS_YCCK
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         lib.tjInitDecompress.restype = ctypes.c_void_p
+        lib.tjDestroy.argtypes = [ctypes.c_void_p]
         lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong]
         lib.tjDecompressHeader3.argtypes += [ctypes.POINTER(ctypes.c_int)] * 4
         lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong]
@@ -207,29 +204,38 @@ class _TurboJPEG:
         lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
         lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
         lib.tjGetErrorStr2.restype = ctypes.c_char_p
-        self.handle = lib.tjInitDecompress()
 
-    def problem(self, data: bytes) -> tuple[str, str] | None:
-        """None if the JPEG decodes cleanly at 1/8 scale, else ("warning" | "error", message)."""
-        w, h, sub, space = (ctypes.c_int() for _ in range(4))
-        refs = (ctypes.byref(w), ctypes.byref(h), ctypes.byref(sub), ctypes.byref(space))
-        if self.lib.tjDecompressHeader3(self.handle, data, len(data), *refs) == 0:
-            sw, sh = -(-w.value // 8), -(-h.value // 8)  # the 1/8 scale's size (TJSCALED)
-            out = ctypes.create_string_buffer(sw * sh * 3)
-            args = (out, sw, 0, sh, self.RGB, self.FLAGS)
-            if self.lib.tjDecompress2(self.handle, data, len(data), *args) == 0:
+    def warning(self, data: bytes) -> str | None:
+        """libjpeg's warning decoding `data` at 1/8 scale, or None (a clean decode, or an error:
+        PIL decoded the file, and PIL has the word on errors)."""
+        # A handle per file: after an error in a header, libjpeg-turbo 2.1 leaves the handle
+        # in a state where the next file's decode reports nothing or crashes the process.
+        handle = self.lib.tjInitDecompress()
+        if not handle:
+            raise MemoryError("tjInitDecompress failed")
+        try:
+            w, h, sub, space = (ctypes.c_int() for _ in range(4))
+            refs = (ctypes.byref(w), ctypes.byref(h), ctypes.byref(sub), ctypes.byref(space))
+            if self.lib.tjDecompressHeader3(handle, data, len(data), *refs) != 0:
                 return None
-        kind = "warning" if self.lib.tjGetErrorCode(self.handle) == 0 else "error"
-        return kind, self.lib.tjGetErrorStr2(self.handle).decode(errors="replace")
+            fmt, channels = (self.CMYK, 4) if space.value in self.CMYK_SPACES else (self.RGB, 3)
+            sw, sh = -(-w.value // 8), -(-h.value // 8)  # the 1/8 scale's size (TJSCALED)
+            out = ctypes.create_string_buffer(sw * sh * channels)
+            if self.lib.tjDecompress2(handle, data, len(data), out, sw, 0, sh, fmt, self.FLAGS):
+                if self.lib.tjGetErrorCode(handle) == 0:  # TJERR_WARNING
+                    return self.lib.tjGetErrorStr2(handle).decode(errors="replace")
+            return None
+        finally:
+            self.lib.tjDestroy(handle)
 
 
 _turbojpeg: _TurboJPEG | None | bool = False  # False: not loaded yet (in this process)
 
 
-def jpeg_problem(data: bytes) -> tuple[str, str] | None:
-    """What libjpeg says decoding these JPEG bytes: None (nothing), ("warning", "Corrupt JPEG
-    data: ...") or ("error", message). ("unchecked", "") where libturbojpeg cannot be loaded
-    (logged): damage that libjpeg only warns about then goes undetected.
+def jpeg_warning(data: bytes) -> str | None:
+    """The warning libjpeg gives decoding these JPEG bytes ("Corrupt JPEG data: ..."), or None.
+
+    None also where libturbojpeg cannot be loaded (logged): such damage then goes undetected.
     """
     global _turbojpeg
     if _turbojpeg is False:
@@ -243,7 +249,7 @@ def jpeg_problem(data: bytes) -> tuple[str, str] | None:
                 e,
             )
             _turbojpeg = None
-    return ("unchecked", "") if _turbojpeg is None else _turbojpeg.problem(data)
+    return None if _turbojpeg is None else _turbojpeg.warning(data)
 
 
 def _pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
@@ -307,7 +313,7 @@ def prepare_source(
             shown = os.path.relpath(path, src)
             if warning is not None:
                 if strict or skip_warned:
-                    reason = f"libjpeg warning ({warning})"
+                    reason = f"{WARNING_SKIP} ({warning})"
                 else:
                     log.warning("keeping %s, which libjpeg warns about: %s", shown, warning)
                     warned.append((shown, warning))
@@ -342,13 +348,14 @@ def _has_candidates(found: list[tuple[str, int]], label: int) -> bool:
 def resize_max_side(image: np.ndarray, max_resolution: int) -> np.ndarray:
     """Shrinks ``[H, W, 3]`` so its longer side is at most `max_resolution` (never enlarges).
 
-    The same arithmetic and INTER_AREA filter as ``ffcv.fields.rgb_image.resizer``, so FFCV's
-    writer leaves an image resized here untouched.
+    The same arithmetic and INTER_AREA filter as ``ffcv.fields.rgb_image.resizer`` (but no side
+    below 1 pixel, where FFCV's would fail), so FFCV's writer leaves an image resized here
+    untouched.
     """
     size = np.array([image.shape[1], image.shape[0]])
     ratio = max_resolution / size.max()
     if ratio < 1:
-        new_size = (ratio * size).astype(int)
+        new_size = np.maximum((ratio * size).astype(int), 1)  # a 600x1 image: 256x1, not 256x0
         image = cv2.resize(image, tuple(new_size), interpolation=cv2.INTER_AREA)
     return image
 
@@ -464,7 +471,8 @@ def check_existing(out: Path, source: SourceDataset, force: bool) -> Manifest | 
     if not force:
         raise ManifestError(
             f"{out / MANIFEST_NAME}: this folder holds a different dataset ({diff}); both "
-            f"formats must share one sample list. Use --force to replace it, or another --out."
+            f"formats must share one sample list (same --src, --limit-per-class and "
+            f"--skip-warned). Use --force to replace it, or another --out."
         )
     log.warning("--force: replacing %s (%s)", out / MANIFEST_NAME, diff)
     return None
@@ -529,11 +537,13 @@ def file_bytes(out: Path, files: Iterable[str]) -> int:
 
 def summary_line(fmt: str, source: SourceDataset, num_bytes: int, seconds: float) -> str:
     n = source.num_samples
-    warned = f" ({len(source.warned)} with libjpeg warnings, kept: {WARNED_NAME})"
+    kept = f" ({len(source.warned)} with libjpeg warnings, kept: {WARNED_NAME})"
+    dropped = sum(reason.startswith(WARNING_SKIP) for _, reason in source.skipped)
+    skipped = f" ({dropped} for libjpeg warnings)"
     return (
-        f"{fmt}: {n} images{warned if source.warned else ''}, {len(source.classes)} classes, "
-        f"{len(source.skipped)} skipped, {num_bytes / 1e6:.1f} MB written, {seconds:.1f} s, "
-        f"{n / max(seconds, 1e-9):.0f} images/s"
+        f"{fmt}: {n} images{kept if source.warned else ''}, {len(source.classes)} classes, "
+        f"{len(source.skipped)} skipped{skipped if dropped else ''}, "
+        f"{num_bytes / 1e6:.1f} MB written, {seconds:.1f} s, {n / max(seconds, 1e-9):.0f} images/s"
     )
 
 

@@ -143,6 +143,8 @@ def convert(args: argparse.Namespace) -> Manifest:
             "jpeg_quality": args.jpeg_quality,
             "limit_per_class": args.limit_per_class,
             "skipped": len(source.skipped),
+            "warned": len(source.warned),
+            "skip_warned": args.skip_warned,
         }
         manifest = common.write_outputs(out, source, "dali", section, existing, staging)
     remove_stale_shards(out, files)

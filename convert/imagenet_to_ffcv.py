@@ -198,6 +198,8 @@ def convert(args: argparse.Namespace) -> Manifest:
             },
             "limit_per_class": args.limit_per_class,
             "skipped": len(source.skipped),
+            "warned": len(source.warned),
+            "skip_warned": args.skip_warned,
         }
         manifest = common.write_outputs(out, source, "ffcv", section, existing, staging)
 

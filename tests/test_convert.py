@@ -327,6 +327,15 @@ def test_damage_libjpeg_only_warns_about_is_reported_with_its_message(tmp_path):
             assert warning is None
         else:
             assert warning is not None and warning.startswith("Corrupt JPEG data"), (name, warning)
+    cmyk = io.BytesIO()
+    Image.fromarray(smooth_image(np.random.default_rng(3), 96, 128)).convert("CMYK").save(
+        cmyk, format="JPEG", quality=90
+    )
+    cmyk = cmyk.getvalue()
+    scan = cmyk.index(b"\xff\xda") + 20
+    (tmp_path / "cmyk_eoi.jpg").write_bytes(cmyk[: (scan + len(cmyk)) // 2] + b"\xff\xd9")
+    warning = common.inspect_image(tmp_path / "cmyk_eoi.jpg")[1]
+    assert warning is not None and warning.startswith("Corrupt JPEG data"), warning
     rng = np.random.default_rng(1)
     save_jpeg(tmp_path / "cmyk.jpg", smooth_image(rng, 40, 48), "CMYK")
     save_jpeg(tmp_path / "gray.jpg", smooth_image(rng, 40, 48), "L")
@@ -361,8 +370,13 @@ def test_jpegs_libjpeg_warns_about_are_kept_and_listed_or_skipped_or_stop_strict
         "dali", source, 0, 1.0
     )
 
+    assert manifest.formats["dali"]["warned"] == 2
+    assert manifest.formats["dali"]["skip_warned"] is False
+
     out = tmp_path / "skipped"
     imagenet_to_dali.main(["--src", str(src), "--out", str(out), "--skip-warned"])
+    source = common.prepare_source(src, skip_warned=True)
+    assert "2 skipped (2 for libjpeg warnings)" in common.summary_line("dali", source, 0, 1.0)
     lines = dict(line.split("\t") for line in (out / common.SKIPPED_NAME).read_text().splitlines())
     assert set(lines) == warned
     assert all(r.startswith("libjpeg warning (Corrupt JPEG data") for r in lines.values())
@@ -371,6 +385,39 @@ def test_jpegs_libjpeg_warns_about_are_kept_and_listed_or_skipped_or_stop_strict
 
     with pytest.raises(common.ConversionError, match=r"a/garbled\.jpg: libjpeg warning \(Corrupt"):
         imagenet_to_dali.main(["--src", str(src), "--out", str(tmp_path / "strict"), "--strict"])
+
+
+def test_a_file_turbojpeg_fails_on_does_not_spoil_the_checks_after_it(tmp_path):
+    """A JPEG cut inside its header once left TurboJPEG's handle broken: the next check
+    reported nothing or crashed the process. Run in a child process, so a crash is a failure."""
+    files = damaged_jpegs()
+    clean = files["clean"]
+    (tmp_path / "header_cut.jpg").write_bytes(clean[: clean.index(b"\xff\xda")])
+    (tmp_path / "eoi.jpg").write_bytes(files["eoi_mid_scan"])
+    (tmp_path / "clean.jpg").write_bytes(clean)
+    code = f"""
+from pathlib import Path
+from convert import common
+d = Path({str(tmp_path)!r})
+for _ in range(3):
+    assert common.jpeg_warning((d / "header_cut.jpg").read_bytes()) is None
+    assert common.inspect_image(d / "header_cut.jpg")[0].startswith("undecodable")
+    assert common.jpeg_warning((d / "eoi.jpg").read_bytes()).startswith("Corrupt JPEG data")
+    assert common.jpeg_warning((d / "clean.jpg").read_bytes()) is None
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr)
+
+
+def test_very_thin_images_keep_one_pixel_on_their_short_side(tmp_path):
+    """600x1 and 8x65000 once resized to a side of 0 pixels and stopped the conversion."""
+    rng = np.random.default_rng(4)
+    for name, shape, want in (("wide", (1, 600), (1, 256)), ("tall", (65000, 8), (256, 1))):
+        pixels = rng.integers(0, 255, size=(*shape, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{name}.jpg", quality=90)
+        assert common.inspect_image(tmp_path / f"{name}.jpg") == (None, None)
+        assert common.load_rgb(tmp_path / f"{name}.jpg", 256).shape == (*want, 3), name
 
 
 # ---------------------------------------------------------------------------------------------
