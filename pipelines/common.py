@@ -30,6 +30,31 @@ log = logging.getLogger(__name__)
 UNLABELED, LABELED, FINETUNE = 1, 2, 3
 
 
+class HostToDevice:
+    """Copies a loader's host buffer to the device, done before the loader may refill it.
+
+    FFCV's output buffers (pinned on a CUDA machine) and the labeled stream's ring are reused:
+    a slot is refilled on the CPU as soon as a later batch is taken. A non-blocking copy queued
+    on the compute stream runs only after the steps queued before it (the host runs ahead of
+    the GPU), by when the slot may hold another batch. Here the copy runs at once on a stream
+    of its own and the host waits for that copy alone, not for the compute; the result's
+    memory is then handed to the compute stream (``record_stream``). Elsewhere a plain copy.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __call__(self, host: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            return host.to(self.device)
+        with torch.cuda.stream(self.stream):
+            out = host.to(self.device, non_blocking=True)
+        self.stream.synchronize()  # the copy is done: the buffer may be refilled
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out
+
+
 def epoch_order(
     num_samples: int, seed: int, epoch: int, rank: int, world_size: int, stream: int = UNLABELED
 ) -> np.ndarray:

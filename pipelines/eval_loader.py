@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from pipelines.augment import normalize, random_flip, seed_generator, stable_key
-from pipelines.common import FINETUNE, check_format_files, epoch_order, load_train_split
+from pipelines.common import (
+    FINETUNE,
+    HostToDevice,
+    check_format_files,
+    epoch_order,
+    load_train_split,
+)
 from pipelines.config import AugConfig
 from pipelines.errors import PipelineError
 from pipelines.ffcv_ops import (
@@ -30,6 +36,7 @@ from pipelines.ffcv_ops import (
     MultiCropDecoder,
     cached_os_reader,
     leave_torch_threads_alone,
+    row_indices,
     unpack_rows,
 )
 from pipelines.ffcv_pipeline import check_beton
@@ -90,6 +97,7 @@ class _SplitLoader:
         self.split, self.aug = split, aug
         self.num_classes = manifest.num_classes
         self.device, self.dtype = torch.device(device), dtype
+        self.upload = HostToDevice(self.device)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.labels_of = torch.as_tensor(info.labels, dtype=torch.int64)  # [N]
         n = info.num_samples
@@ -173,7 +181,7 @@ class CenterCropLoader(_SplitLoader):
             if not np.array_equal(index.numpy(), expected):
                 raise PipelineError(f"{self.beton}: samples came out of order at {start}")
             start += b
-            x = images.to(self.device, non_blocking=True)  # [B, S, S, 3] uint8
+            x = self.upload(images)  # [B, S, S, 3] uint8
             x = normalize(x.float().mul_(1 / 255), self.aug.mean, self.aug.std, self.dtype)
             yield self._batch(x, index)  # x: [B, 3, S, S]
 
@@ -221,8 +229,9 @@ class FinetuneLoader(_SplitLoader):
         self.loader.next_epoch = self.epoch
         g = seed_generator(self.device, self.seed, self.epoch, FINETUNE)
         for (rows,) in self.loader:
-            flat = rows.to(self.device, non_blocking=True)  # [B, T] uint8
-            (crops,), index = unpack_rows(flat, self.decoder, [1])  # [B, S, S, 3], [B]
+            flat = self.upload(rows)  # [B, T] uint8
+            (crops,), _ = unpack_rows(flat, self.decoder, [1])  # [B, S, S, 3]
+            index = row_indices(rows, self.decoder)  # [B], read on the host: no device sync
             x = random_flip(crops.float().mul_(1 / 255), 0.5, g)  # [B, S, S, 3]
             x = normalize(x, self.aug.mean, self.aug.std, self.dtype)  # [B, 3, S, S]
-            yield self._batch(x, index.cpu())
+            yield self._batch(x, index.clone())  # rows is FFCV's buffer, reused

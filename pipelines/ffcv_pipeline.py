@@ -30,7 +30,7 @@ import torch
 from convert.manifest import Manifest, SplitInfo
 from pipelines.augment import augment_views, seed_generator, stable_key
 from pipelines.batch import Batch
-from pipelines.common import LABELED, UNLABELED, TrainingPipeline, ViewGroup
+from pipelines.common import LABELED, UNLABELED, HostToDevice, TrainingPipeline, ViewGroup
 from pipelines.config import CROPS
 from pipelines.errors import PipelineError
 from pipelines.ffcv_ops import (
@@ -102,6 +102,7 @@ class FFCVPipeline(TrainingPipeline):
 
     def _build(self) -> None:
         self.labels_on_device = torch.from_numpy(self.labels_of).to(self.device)  # [N]
+        self.upload = HostToDevice(self.device)
 
         # FFCV would set torch's thread count to num_workers: stop that.
         leave_torch_threads_alone()
@@ -224,7 +225,7 @@ class FFCVPipeline(TrainingPipeline):
         """
         cut_streams, buckets = [], {}
         for s, (rows, decoder, groups) in enumerate(streams):
-            flat = rows.to(self.device, non_blocking=True)  # [B, T] uint8, one copy
+            flat = self.upload(rows)  # [B, T] uint8, one copy, done before the slot is reused
             cut = cut_on_device if decoder.cut == "device" else unpack_rows
             crops, indices = cut(flat, decoder, [group.n for group in groups])
             groups = [group for group in groups if group.n]

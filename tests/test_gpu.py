@@ -93,6 +93,24 @@ def test_ffcv_cuts_the_views_on_the_gpu_close_to_the_workers_cut(cifar_dataset):
         assert (g - h.float() / 255).abs().mean().item() < 0.03  # interpolation only
 
 
+def test_a_host_batch_reaches_the_gpu_before_its_pinned_buffer_is_refilled():
+    """As FFCV's output slots: pinned, refilled on the CPU once a later batch is taken, while
+    the compute stream is still busy with earlier steps."""
+    from pipelines.common import HostToDevice
+
+    upload = HostToDevice("cuda")
+    host = torch.empty(1 << 24, dtype=torch.uint8).pin_memory()  # [16 MiB]
+    a = torch.randn(4096, 4096, device="cuda")
+    busy = torch.empty_like(a)
+    for k in range(4):
+        host.fill_(k)
+        for _ in range(50):  # tens of ms of queued compute ahead of any copy on that stream
+            torch.mm(a, a, out=busy)
+        x = upload(host)
+        host.fill_(255)  # the loader refills the slot
+        assert x.device.type == "cuda" and bool((x == k).all()), k
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_amp_training_on_the_gpu_gives_finite_losses_and_a_checkpoint(tmp_path, precision):
     out = tmp_path / precision
