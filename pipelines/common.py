@@ -189,6 +189,7 @@ class TrainingPipeline(EpochPipeline):
         t0 = time.perf_counter()
         self.data, self.aug = data, aug
         self.device, self.dtype = torch.device(device), dtype
+        self.upload = HostToDevice(self.device)  # host tensors of a batch -> device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch = 0
         self._labeled_cache: dict[int, np.ndarray] = {}

@@ -383,13 +383,13 @@ class DALIPipeline(TrainingPipeline):
             for _ in range(self.steps):
                 out = next(unlabeled)[0]
                 views = [self._tensor(out[f"v{j}"]) for j in range(self.n_unlabeled_views)]
-                indices = out["index"].to(self.device, non_blocking=True)  # [B]
+                indices = self.upload(out["index"])  # [B]
                 labeled_views, labels, labeled_indices = [], empty, empty
                 if labeled is not None:
                     out = next(labeled)[0]
                     labeled_views = [self._tensor(out[f"v{j}"]) for j in range(self.n_sup)]
-                    labeled_indices = out["index"].to(self.device, non_blocking=True)  # [C*K]
-                    labels = out["label"].to(self.device, non_blocking=True)  # [C*K]
+                    labeled_indices = self.upload(out["index"])  # [C*K]
+                    labels = self.upload(out["label"])  # [C*K]
                 yield Batch(views, labeled_views, labels, indices, labeled_indices)
         finally:
             self._release()

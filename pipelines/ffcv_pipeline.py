@@ -30,7 +30,7 @@ import torch
 from convert.manifest import Manifest, SplitInfo
 from pipelines.augment import augment_views, seed_generator, stable_key
 from pipelines.batch import Batch
-from pipelines.common import LABELED, UNLABELED, HostToDevice, TrainingPipeline, ViewGroup
+from pipelines.common import LABELED, UNLABELED, TrainingPipeline, ViewGroup
 from pipelines.config import CROPS
 from pipelines.errors import PipelineError
 from pipelines.ffcv_ops import (
@@ -102,7 +102,6 @@ class FFCVPipeline(TrainingPipeline):
 
     def _build(self) -> None:
         self.labels_on_device = torch.from_numpy(self.labels_of).to(self.device)  # [N]
-        self.upload = HostToDevice(self.device)
 
         # FFCV would set torch's thread count to num_workers: stop that.
         leave_torch_threads_alone()
