@@ -12,6 +12,15 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 
+# The torchvision ResNet family (what `build_backbone` accepts for --arch).
+ARCHS = tuple(
+    sorted(
+        name
+        for name in torchvision.models.list_models(module=torchvision.models)
+        if name.startswith(("resnet", "wide_resnet", "resnext"))
+    )
+)
+
 
 def build_backbone(arch: str = "resnet50", small_stem: bool = False) -> tuple[nn.Module, int]:
     """Builds a randomly initialised torchvision ResNet without its classifier.
@@ -23,8 +32,8 @@ def build_backbone(arch: str = "resnet50", small_stem: bool = False) -> tuple[nn
     Returns:
         The backbone (its `fc` replaced by `Identity`) and its feature width F.
     """
-    if not arch.startswith(("resnet", "wide_resnet", "resnext")):
-        raise ValueError(f"unsupported arch {arch!r}: expected a torchvision ResNet name")
+    if arch not in ARCHS:
+        raise ValueError(f"--arch: unknown {arch!r}; choose from {', '.join(ARCHS)}")
     net = torchvision.models.get_model(arch, weights=None)  # never downloads: weights=None
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()

@@ -234,6 +234,8 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
         )
     if a.n_large + a.n_small < 2:
         raise ConfigError("--n-large/--n-small: NT-Xent needs at least 2 unlabeled views")
+    check_views(a)
+    check_model_and_loss(cfg)
     for name in ("epochs", "log_interval", "max_nonfinite"):
         if getattr(r, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
@@ -246,6 +248,46 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
             "--monitor-every: the synthetic pipeline has no validation images; use ffcv or "
             "dali data with a val split, or --monitor-every 0"
         )
+
+
+MIN_CROP = 8  # pixels: the smallest view side every network here accepts
+
+
+def check_views(a) -> None:
+    """Crop sides, scales, probabilities and normalisation the augmentation can use."""
+    for name, n, side in (("large", a.n_large, a.large_size), ("small", a.n_small, a.small_size)):
+        if n and side < MIN_CROP:
+            raise ConfigError(f"--{name}-size: must be >= {MIN_CROP} pixels, got {side}")
+    for name in ("large_scale", "small_scale", "blur_sigma"):
+        lo, hi = getattr(a, name)
+        top = 1.0 if name != "blur_sigma" else float("inf")
+        if not 0 < lo <= hi <= top:
+            bound = "1" if top == 1.0 else "infinity"
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: needs 0 < min <= max <= {bound}, got {lo},{hi}"
+            )
+    for name in ("color_p", "gray_p", "blur_p_large", "blur_p_small"):
+        if not 0 <= getattr(a, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: a probability in 0..1")
+    if a.color_strength < 0:
+        raise ConfigError("--color-strength: must be >= 0")
+    if min(a.std) <= 0:
+        raise ConfigError(f"--std: every channel's std must be > 0, got {a.std}")
+
+
+def check_model_and_loss(cfg: TrainConfig) -> None:
+    """The network's name and sizes, and the losses' temperatures."""
+    from model.encoder import ARCHS
+
+    m, loss = cfg.model, cfg.loss
+    if m.arch not in ARCHS:
+        raise ConfigError(f"--arch: unknown {m.arch!r}; choose from {', '.join(ARCHS)}")
+    for name in ("hidden_dim", "out_dim", "head_layers"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
+    for name in ("temperature", "sup_temperature"):
+        if getattr(loss, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(loss, name)}")
 
 
 def check_split(cfg: TrainConfig, n_labeled: int, n_classes: int, world_size: int = 1) -> None:

@@ -74,6 +74,16 @@ def test_unknown_preset_option_is_named(tmp_path):
         (["--batch-size", "0"], "--batch-size"),
         (["--epochs", "0"], "--epochs"),
         (["--images-per-class", "1"], "--images-per-class 1"),  # SuNCEt without positives
+        (["--large-size", "0"], "--large-size"),
+        (["--small-size", "4"], "--small-size"),
+        (["--large-scale", "1.0,0.08"], "--large-scale"),  # min above max
+        (["--small-scale", "0,0.1"], "--small-scale"),
+        (["--std", "0,0,0"], "--std"),
+        (["--gray-p", "1.5"], "--gray-p"),
+        (["--temperature", "0"], "--temperature"),
+        (["--sup-temperature", "-1"], "--sup-temperature"),
+        (["--arch", "resnet7"], "--arch: unknown 'resnet7'; choose from resnet101"),
+        (["--head-layers", "0"], "--head-layers"),
     ],
 )
 def test_impossible_settings_fail_before_work_naming_the_option(tmp_path, capsys, flags, option):
@@ -81,6 +91,7 @@ def test_impossible_settings_fail_before_work_naming_the_option(tmp_path, capsys
     assert load_train().main([*TINY, "--out", str(out), *flags]) == 2
     assert option in capsys.readouterr().err
     assert not (out / "checkpoint.pt").exists()
+    assert not (out / "config.json").exists()  # a refused run leaves no run behind
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
