@@ -12,7 +12,10 @@ only wires the rooms together, in stages: config, run folder, labels, model, dat
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
+import socket
 import sys
 import typing
 from dataclasses import dataclass, replace
@@ -24,7 +27,15 @@ import torch
 from runner import checkpoint as ckpt
 from runner import config as rc
 from runner import metrics
-from runner.distributed import DistInfo, barrier, cleanup, env_world, init_distributed, wrap_model
+from runner.distributed import (
+    DistInfo,
+    all_agree,
+    barrier,
+    cleanup,
+    env_world,
+    init_distributed,
+    wrap_model,
+)
 
 log = logging.getLogger("train")
 
@@ -168,16 +179,68 @@ def close_logging() -> None:
         h.close()
 
 
-def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInfo) -> Path:
-    """Refuses to overwrite a run without --resume or --force; --force clears the old run.
+RUN_LOCK = ".run.lock"  # held (flock) by the process that trains in the folder
+_run_lock = None  # this process's open, locked RUN_LOCK file
 
-    `--benchmark` writes only RUN_DIR/benchmark.json, so it refuses and clears nothing.
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Takes the run folder's lock for as long as this process trains; None, or who holds it.
+
+    The OS drops the lock when the process ends, however it ends (kill -9 included)."""
+    global _run_lock
+    f = open(run_dir / RUN_LOCK, "a+")  # noqa: SIM115 (held until unlock_run_dir)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = (f.read().strip().splitlines() or ["another process"])[-1]
+        f.close()
+        return holder
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _run_lock = f
+    return None
+
+
+def unlock_run_dir() -> None:
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.close()
+        _run_lock = None
+
+
+def make_run_dir(run_dir: Path) -> str | None:
+    """Creates the folder; None, or why it cannot be."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return "is a file, not a folder"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
+def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInfo) -> Path:
+    """Refuses a folder another run is training in (its lock), and to overwrite a run without
+    --resume or --force; --force clears the old run.
+
+    `--benchmark` writes only RUN_DIR/benchmark.json, so it locks, refuses and clears nothing.
     """
     run_dir = Path(cfg.run.out)
+    problem = None
+    if info.is_main:
+        problem = make_run_dir(run_dir)
+        if problem is None and args.benchmark is None:
+            holder = lock_run_dir(run_dir)
+            if holder is not None:
+                problem = (
+                    f"a run is training there ({holder}); wait for it to end (then --resume) "
+                    "or choose another --out"
+                )
+    if not all_agree(problem is None, info):
+        raise rc.ConfigError(f"--out {run_dir}: {problem or 'refused by rank 0'}")
     if args.benchmark is not None:
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
         return run_dir
     holds_run = (run_dir / CONFIG_JSON).exists() or (run_dir / ckpt.LATEST).exists()
     if holds_run and not (args.resume or args.force):
@@ -191,7 +254,6 @@ def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInf
                 (run_dir / name).unlink(missing_ok=True)
             for old in run_dir.glob("checkpoint*.pt"):
                 old.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
         add_handler(logging.FileHandler(run_dir / "train.log"), "%(asctime)s %(message)s", "%X")
     barrier()
     return run_dir
@@ -442,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         status = 0
         try:
             trainer.fit(pipeline, start_epoch)
+        except KeyboardInterrupt:
+            kept = trainer.last_checkpoint or "none yet"
+            log.error("interrupted; last checkpoint: %s; rerun with --resume to continue", kept)
+            status = 130
         except (ckpt.CheckpointError, NonFiniteLossError) as e:
             log.error("error: %s", e)
             status = 1
@@ -454,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.info.is_main:
             print(f"run folder: {trainer.run_dir.resolve()}", flush=True)
         return status
+    except KeyboardInterrupt:  # before training: nothing to keep
+        print("interrupted before the first step", file=sys.stderr)
+        return 130
     finally:
+        unlock_run_dir()
         close_logging()
         cleanup()
 

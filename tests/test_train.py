@@ -5,6 +5,7 @@ Synthetic data and a tiny ResNet-18 (16-px views) keep these on a CPU in seconds
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import subprocess
@@ -87,6 +88,46 @@ def test_run_folder_refuses_overwrite_without_resume_or_force(finished_run, caps
     assert run_main(finished_run, "--epochs", "2") == 2
     assert "--resume" in capsys.readouterr().err
     assert (finished_run / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_a_folder_another_run_trains_in_is_refused_even_with_resume_or_force(tmp_path, capsys):
+    train = load_train()
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1") == 0
+    before = (out / "checkpoint.pt").stat().st_mtime_ns
+    with open(out / train.RUN_LOCK, "a+") as held:  # as a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.truncate(0)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        for extra in ([], ["--resume"], ["--force"]):
+            assert run_main(out, "--epochs", "1", *extra) == 2
+            assert "a run is training there (pid 4242 on node7)" in capsys.readouterr().err
+        assert (out / "checkpoint.pt").stat().st_mtime_ns == before  # untouched
+    assert run_main(out, "--epochs", "2", "--resume") == 0  # the lock is gone with its process
+
+
+def test_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert run_main(bad, "--epochs", "1") == 2
+        err = capsys.readouterr().err
+        assert f"--out {bad}:" in err and "Traceback" not in err
+
+
+def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    from runner.loop import Trainer
+
+    def interrupted(self, pipeline, start_epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    assert run_main(tmp_path / "run", "--epochs", "1") == 130
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "interrupted; last checkpoint: none yet; rerun with --resume" in log
+    assert "Traceback" not in log + capsys.readouterr().err
 
 
 def test_force_replaces_the_previous_run(tmp_path):
