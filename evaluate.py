@@ -32,7 +32,7 @@ def load_run(checkpoint: str | Path, device: str = "cpu"):
     from runner import config as rc
     from runner.checkpoint import CheckpointError, load_checkpoint
 
-    state = load_checkpoint(checkpoint, map_location="cpu")
+    state = load_checkpoint(checkpoint, map_location="cpu", option="--checkpoint")
     if "config" not in state or "model" not in state:
         raise rc.ConfigError(f"{checkpoint}: not a train.py checkpoint (no model or config)")
     cfg = rc.from_dict(state["config"], str(checkpoint))

@@ -97,7 +97,8 @@ def train(model: nn.Module, loader, epochs: int, args: argparse.Namespace, val=N
         rec = {"epoch": epoch, "loss": float(loss_sum) / max(1, len(loader))}
         if val is not None and args.eval_every and (epoch + 1) % args.eval_every == 0:
             rec.update({f"val_{k}": v for k, v in accuracy(model, val).items()})
-        log.info("ep %d | %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in rec.items()))
+        shown = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch")
+        log.info("ep %d | %s", epoch, shown)
         history.append(rec)
     return history
 

@@ -139,20 +139,26 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Reads a checkpoint written by `save_checkpoint`."""
+def load_checkpoint(path: str | Path, map_location="cpu", option: str = "--resume") -> dict:
+    """Reads a checkpoint written by `save_checkpoint`; errors name `option`, the command-line
+    option that named the file (train.py's --resume, evaluate.py's --checkpoint)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {path}")
+        raise CheckpointError(f"{option}: no checkpoint at {path}")
     try:
         # Checkpoints hold numpy and python RNG states, hence weights_only=False: only load
         # checkpoints this program wrote.
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which one
         first = (str(e).splitlines() or [""])[0]
+        todo = (
+            "copy a kept checkpoint-epNNNN.pt over it to resume from there, or start again "
+            "with --force"
+            if option == "--resume"
+            else "pass a checkpoint.pt or checkpoint-epNNNN.pt that train.py wrote"
+        )
         raise CheckpointError(
-            f"--resume: cannot read checkpoint {path} ({type(e).__name__}: {first}); copy a "
-            "kept checkpoint-epNNNN.pt over it to resume from there, or start again with --force"
+            f"{option}: cannot read checkpoint {path} ({type(e).__name__}: {first}); {todo}"
         ) from e
 
 

@@ -150,6 +150,20 @@ def test_evaluate_reports_a_missing_split_file(tiny_run, tmp_path, capsys):
     assert "labels.txt" in capsys.readouterr().err
 
 
+def test_a_missing_or_unreadable_checkpoint_is_named_by_its_option(tiny_run, tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for script in ("evaluate", "finetune"):
+        main = load_script(script).main
+        for path, says in (
+            (tmp_path / "none.pt", "no checkpoint at"),
+            (tmp_path / "notes.pt", "cannot read"),
+        ):
+            assert main(["--checkpoint", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert f"--checkpoint: {says}" in err and str(path) in err, (script, err)
+            assert "--resume" not in err and "--force" not in err, (script, err)
+
+
 def test_finetune_learns_the_labeled_images_above_chance(tiny_run):
     finetune = load_script("finetune")
     out = tiny_run / "finetune.json"
