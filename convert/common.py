@@ -89,13 +89,25 @@ def _class_files(class_dir: Path) -> list[str]:
 
 
 def split_roots(src: Path) -> dict[str, Path]:
-    """``{"train": src/train, "val": src/val}`` for those present, else ``{"train": src}``."""
+    """``{"train": src/train, "val": src/val}`` for those present, else ``{"train": src}``.
+
+    Without src/val, a src/test folder (CIFAR-10's layout) becomes the val split. Other
+    folders beside train/ are not read, and the log says so.
+    """
     if not src.is_dir():
         raise ConversionError(
             f"{src}: source folder does not exist; pass --src an ImageFolder tree "
             "(SRC/<class>/<image> or SRC/train/<class>/<image>)"
         )
     roots = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    if "train" in roots and "val" not in roots and (src / "test").is_dir():
+        log.info("using %s as the val split (there is no %s)", src / "test", src / "val")
+        roots["val"] = src / "test"
+    if roots:
+        read = {p.name for p in roots.values()}
+        for p in sorted(src.iterdir()):
+            if p.is_dir() and p.name not in read and not _is_hidden(p.name):
+                log.warning("not reading %s: only train/ and val/ (or test/) are splits", p)
     return roots or {"train": src}
 
 

@@ -518,6 +518,20 @@ def test_flat_image_folder_is_one_train_split_and_limit_per_class_applies(tmp_pa
     assert manifest.splits["train"].labels == [0, 0, 1, 1]
 
 
+def test_a_test_folder_is_the_val_split_when_there_is_no_val_folder(tmp_path, caplog):
+    """CIFAR-10's layout (train/ and test/); another folder beside them is named in the log."""
+    src = tmp_path / "cifar-like"
+    small_tree(src / "train", ("x", "y"), per_class=3)
+    small_tree(src / "test", ("x", "y"), per_class=2)
+    small_tree(src / "extra", ("x",), per_class=1)
+    with caplog.at_level("INFO", logger="convert.common"):
+        manifest = imagenet_to_dali.main(["--src", str(src), "--out", str(tmp_path / "data")])
+    assert manifest.splits["train"].num_samples == 6 and manifest.splits["val"].num_samples == 4
+    assert manifest.splits["val"].files[0] == "x/0.jpg"
+    assert f"using {src / 'test'} as the val split" in caplog.text
+    assert f"not reading {src / 'extra'}" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding and encoding match FFCV's
 # ---------------------------------------------------------------------------------------------
