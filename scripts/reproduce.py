@@ -142,6 +142,9 @@ def train_flags(scale: Scale, data_dir: Path, labels: str, device: str, workers:
     s = scale
     n_labeled_per_class = labeled_per_class(s, labels)
     k = min(s.images_per_class, n_labeled_per_class)
+    # One labeled image per class (1% of a small subset): SuNCEt's positives are then two
+    # views of it (train.py refuses one image and one view: there are no positives).
+    views = 2 if k == 1 else 1
     return [
         "--config", str(ROOT / "configs" / "cifar10.toml"),
         "--data", str(data_dir), "--labels", labels, "--device", device, "--precision", "fp32",
@@ -150,7 +153,8 @@ def train_flags(scale: Scale, data_dir: Path, labels: str, device: str, workers:
         "--large-size", str(s.image_size), "--n-small", "0", "--eval-size", str(s.image_size),
         "--eval-resize", str(s.image_size), "--mean", CIFAR_MEAN, "--std", CIFAR_STD,
         "--batch-size", str(s.batch_size), "--classes-per-batch", str(s.classes_per_batch),
-        "--images-per-class", str(k), "--epochs", str(s.epochs),
+        "--images-per-class", str(k), "--n-supervised-views", str(views),
+        "--epochs", str(s.epochs),
         "--supervised-epochs", str(s.supervised_epochs),
         "--warmup-epochs", str(s.warmup_epochs),
         "--base-lr", str(s.base_lr), "--temperature", str(s.temperature),

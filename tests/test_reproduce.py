@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,20 @@ def test_ratio_at_the_first_evaluation_needs_no_interpolation():
     rep = load_reproduce()
     r = rep.compute_ratio(SIMCLR, curve((30, 41.0), (60, 50.0)))
     assert r["ratio"] == r["ratio_interpolated"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("labels, k, views", [("1pct", "1", "2"), ("10pct", "4", "1")])
+def test_quick_flags_pass_train_pys_checks_at_1pct_and_10pct(labels, k, views):
+    """--quick keeps 60 images a class: 1% is one labeled image, so a second view is needed."""
+    from test_train import load_train  # puts the repository root on sys.path
+
+    from runner import config as rc
+
+    r = load_reproduce()
+    quick = replace(r.QUICK, supervised_epochs=r.QUICK.epochs)  # as choose_scale resolves it
+    flags = r.train_flags(quick, Path("data"), labels, "cpu", 1)
+    at = {f: flags[i + 1] for i, f in enumerate(flags[:-1]) if f.startswith("--")}
+    assert (at["--images-per-class"], at["--n-supervised-views"]) == (k, views)
+    train = load_train()
+    cfg = train.resolve_config(train.build_parser().parse_args([*flags, "--out", "r"]))
+    rc.validate(cfg, cuda_available=False)
