@@ -196,6 +196,11 @@ def lock_run_dir(run_dir: Path) -> str | None:
         holder = (f.read().strip().splitlines() or ["another process"])[-1]
         f.close()
         return holder
+    except OSError as e:  # a filesystem without locks (some network mounts): go on, unguarded
+        log.warning("cannot lock %s (%s): a second run in this folder would not be refused",
+                    run_dir / RUN_LOCK, e.strerror or e)  # fmt: skip
+        f.close()
+        return None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()

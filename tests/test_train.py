@@ -107,6 +107,17 @@ def test_a_folder_another_run_trains_in_is_refused_even_with_resume_or_force(tmp
     assert run_main(out, "--epochs", "2", "--resume") == 0  # the lock is gone with its process
 
 
+def test_a_filesystem_without_locks_does_not_stop_a_run(tmp_path, monkeypatch):
+    train = load_train()
+
+    def no_locks(f, op):
+        raise OSError(37, "No locks available")  # ENOLCK, as on some network mounts
+
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    assert run_main(tmp_path / "run", "--epochs", "1") == 0
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
 def test_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for bad in (tmp_path / "file", tmp_path / "file" / "run"):
