@@ -230,7 +230,8 @@ def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInf
     """Refuses a folder another run is training in (its lock), and to overwrite a run without
     --resume or --force; --force clears the old run.
 
-    `--benchmark` writes only RUN_DIR/benchmark.json, so it locks, refuses and clears nothing.
+    `--benchmark` writes only RUN_DIR/benchmark.json, so it takes no lock and refuses and
+    clears nothing (it may sit beside a live run).
     """
     run_dir = Path(cfg.run.out)
     problem = None

@@ -22,6 +22,12 @@ ARCHS = tuple(
 )
 
 
+def check_arch(arch: str) -> None:
+    """Raises ValueError naming --arch unless `arch` is one of `ARCHS`."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch: unknown {arch!r}; choose from {', '.join(ARCHS)}")
+
+
 def build_backbone(arch: str = "resnet50", small_stem: bool = False) -> tuple[nn.Module, int]:
     """Builds a randomly initialised torchvision ResNet without its classifier.
 
@@ -32,8 +38,7 @@ def build_backbone(arch: str = "resnet50", small_stem: bool = False) -> tuple[nn
     Returns:
         The backbone (its `fc` replaced by `Identity`) and its feature width F.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"--arch: unknown {arch!r}; choose from {', '.join(ARCHS)}")
+    check_arch(arch)
     net = torchvision.models.get_model(arch, weights=None)  # never downloads: weights=None
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()

@@ -277,11 +277,13 @@ def check_views(a) -> None:
 
 def check_model_and_loss(cfg: TrainConfig) -> None:
     """The network's name and sizes, and the losses' temperatures."""
-    from model.encoder import ARCHS
+    from model.encoder import check_arch
 
     m, loss = cfg.model, cfg.loss
-    if m.arch not in ARCHS:
-        raise ConfigError(f"--arch: unknown {m.arch!r}; choose from {', '.join(ARCHS)}")
+    try:
+        check_arch(m.arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in ("hidden_dim", "out_dim", "head_layers"):
         if getattr(m, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")

@@ -65,25 +65,13 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def copy_dataset(src: Path, dest: Path) -> Path:
-    """A dataset folder whose files can be damaged: manifest copied, the rest symlinked file
-    by file (a symlinked folder would let `replace_file` damage the shared dataset)."""
-    dest.mkdir(parents=True)
+    """A dataset folder whose files can be damaged: folders made anew, every file symlinked
+    (a symlinked folder would let `replace_file` damage the shared dataset), the manifest
+    copied."""
+    shutil.copytree(src, dest, copy_function=os.symlink)
+    (dest / "manifest.json").unlink()
     shutil.copy(src / "manifest.json", dest / "manifest.json")
-    for p in src.iterdir():
-        if p.is_dir():
-            copy_dataset_folder(p, dest / p.name)
-        elif p.name != "manifest.json":
-            (dest / p.name).symlink_to(p)
     return dest
-
-
-def copy_dataset_folder(src: Path, dest: Path) -> None:
-    dest.mkdir()
-    for p in src.iterdir():
-        if p.is_dir():
-            copy_dataset_folder(p, dest / p.name)
-        else:
-            (dest / p.name).symlink_to(p)
 
 
 def replace_file(path: Path, data: bytes) -> None:
