@@ -65,11 +65,14 @@ class IntervalStats:
 
     Args:
         device: where the losses live.
-        lag: steps a flag may stay unread (default 2 on CUDA, 0 elsewhere). On CUDA a step's
-            flag and losses go to pinned host memory by a non-blocking copy and are read once
-            that copy is done (an event query, which never waits) or, at the latest, `lag`
-            steps later, long after the GPU has passed them: the GPU never waits for the host.
-            On a CPU reading costs nothing, so it is immediate.
+        lag: steps a flag stays unread (default 2 on CUDA, 0 elsewhere). On CUDA a step's
+            flag and losses go to pinned host memory by a non-blocking copy and are read
+            `lag` steps later (or on a log step), long after the GPU has passed them: the GPU
+            never waits for the host. On a CPU reading costs nothing, so it is immediate.
+
+    Flags are read by step count alone, never "as soon as the copy is done": every rank
+    then reads (and stops on `max_nonfinite`) at the same step, whatever its own timing; a
+    rank that stopped one step before the others would leave them in a collective.
     """
 
     def __init__(self, device: torch.device, lag: int | None = None):
@@ -116,11 +119,10 @@ class IntervalStats:
         out = []
         while self.pending:
             p = self.pending[0]
-            due = wait_all or len(self.pending) > self.lag
-            if not due and (p.event is None or not p.event.query()):
+            if not (wait_all or len(self.pending) > self.lag):
                 break
             if p.event is not None:
-                p.event.synchronize()  # done already, or `lag` steps old
+                p.event.synchronize()  # `lag` steps old: done long ago
             ok, l_unsup, l_sup = p.values.tolist()
             self.pending.popleft()
             self.ok_steps += bool(ok)
@@ -141,6 +143,42 @@ class IntervalStats:
         l_sup = sums[1] / self.sup_steps if self.sup_steps else None
         l_total = sums[2] / n if self.ok_steps else None
         return l_unsup, l_sup, l_total
+
+
+class NormStats:
+    """The BatchNorm running statistics of a model, left as they were by a skipped step.
+
+    A forward updates `running_mean` / `running_var` before the loss is known. A step skipped
+    for a non-finite loss must leave them as they were: an inf or NaN there stays for good,
+    and every eval-mode use (the monitor, evaluate.py, finetune.py) would read it. `save`
+    before the forward, `keep_where(finite)` after it: a few kernels on the device, no host
+    read (the flag is the same on every rank, so the ranks' statistics stay equal).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.groups: dict[torch.dtype, list[Tensor]] = {}
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    if b is not None:
+                        self.groups.setdefault(b.dtype, []).append(b)
+        self.saved: dict[torch.dtype, Tensor] = {}
+
+    @staticmethod
+    def _flat(buffers: list[Tensor]) -> Tensor:
+        return torch.cat([b.reshape(-1) for b in buffers])  # [sum of numels]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        self.saved = {dtype: self._flat(bufs) for dtype, bufs in self.groups.items()}
+
+    @torch.no_grad()
+    def keep_where(self, finite: Tensor) -> None:
+        """Keeps the forward's updates where `finite` (bool `[]`), else restores `save`'s."""
+        for dtype, bufs in self.groups.items():
+            kept = torch.where(finite, self._flat(bufs), self.saved[dtype])  # [sum of numels]
+            parts = kept.split([b.numel() for b in bufs])
+            torch._foreach_copy_(bufs, [v.view(b.shape) for v, b in zip(parts, bufs, strict=True)])
 
 
 class Trainer:
@@ -190,6 +228,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.t0 = time.perf_counter()
         self.stats = IntervalStats(device)
+        self.norm_stats = NormStats(model)
 
     # ----------------------------------------------------------------------------- one step
 
@@ -232,17 +271,20 @@ class Trainer:
 
         No host sync per step: the step's finite flag (agreed by all ranks on the device)
         gates the update on the device (`SyncFreeLARS.step(finite=)`; under fp16 GradScaler's
-        `found_inf` as well), so a non-finite loss moves no weight and no momentum buffer. The
+        `found_inf` as well), so a non-finite loss moves no weight, no momentum buffer and no
+        BatchNorm running statistic (`NormStats`). The
         host reads the flag and the losses later (`IntervalStats.ready`) to warn, count and
         stop (`on_nonfinite`), at the latest on the next log step. On CUDA that is after this
         step is queued, so this returns None; on a CPU the read is immediate and free, so a
         non-finite loss skips backward and the update altogether and this returns False.
         """
         set_lr(self.optimizer, float(self.schedule[self.step]))
+        self.norm_stats.save()
         losses = self.forward_losses(batch, epoch)
         finite = _all_ranks_agree(torch.isfinite(losses.total), self.info)  # [] bool
         self.stats.push(self.step + 1, epoch, finite, losses)
         if self.stats.lag == 0 and not self.resolve_flags():
+            self.norm_stats.keep_where(finite)  # restores them
             return False
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,6 +295,7 @@ class Trainer:
         else:
             losses.total.backward()
             self.optimizer.step(finite=finite)
+        self.norm_stats.keep_where(finite)  # after backward, which reads the running stats
         self.stats.add(losses, finite)
         if self.stats.lag == 0:
             return True

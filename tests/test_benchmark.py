@@ -169,3 +169,52 @@ def test_deferred_nonfinite_step_moves_nothing_and_is_reported_late(tmp_path, mo
     assert "step 2 ep 0 | non-finite loss (l_unsup nan" in caplog.text
     assert trainer.stats.nonfinite == 1 and trainer.stats.ok_steps == 1
     assert trainer.stats.means()[0] is not None and math.isfinite(trainer.stats.means()[0])
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tmp_path, lag):
+    from torch import nn
+
+    trainer, batch = tiny_trainer(tmp_path, lag=lag)
+    trainer.train_step(batch, 0)
+    trainer.step += 1
+    norms = [m for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+              for m in norms]  # fmt: skip
+
+    # An inf pixel: the forward fills the running statistics with inf / NaN, the loss is NaN.
+    views = [v.clone() for v in batch.unlabeled_views]
+    views[0][0, 0, 0, 0] = float("inf")
+    trainer.train_step(batch._replace(unlabeled_views=views), 0)
+    trainer.step += 1
+    trainer.resolve_flags(wait_all=True)
+    assert trainer.stats.nonfinite == 1
+    for m, (mean, var, n) in zip(norms, before, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.num_batches_tracked, n)
+
+    trainer.train_step(batch, 0)  # a good step after it updates them again
+    assert not torch.equal(norms[0].running_mean, before[0][0])
+    assert all(torch.isfinite(m.running_var).all() for m in norms)
+
+
+def test_flags_are_read_by_step_count_so_every_rank_stops_at_the_same_step():
+    from runner.loop import IntervalStats, PendingFlag
+
+    class DoneEvent:  # a CUDA event whose copy has finished, on one rank and not another
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+    stats = IntervalStats(torch.device("cpu"), lag=2)
+    read = []
+    for step in range(1, 6):
+        values = torch.tensor([step != 2, 1.0, 1.0])  # step 2 non-finite
+        stats.pending.append(PendingFlag(step, 0, True, values, DoneEvent()))
+        read.append([s for s, *_ in stats.ready()])
+    assert read == [[], [], [1], [2], [3]]  # step s's flag after step s + lag, never sooner
+    assert [s for s, _, ok, *_ in stats.ready(wait_all=True) if not ok] == []
+    assert stats.ok_steps == 4 and stats.nonfinite == 0  # counts: finite reads only
