@@ -136,17 +136,22 @@ class EpochPipeline:
     """The shape of every training pipeline: ``len`` steps per epoch, `set_epoch`, `close`.
 
     Iterating yields one epoch of `Batch`es; iterating again without `set_epoch` repeats it,
-    as with torch's DistributedSampler.
+    as with torch's DistributedSampler. `set_epoch(e, labeled=False)` leaves the labeled
+    stream out of that epoch (empty `labeled_views` and labels): the trainer asks for it
+    once SuNCEt is off, so no labeled image is decoded, augmented or uploaded in vain. The
+    epoch's unlabeled images and their order, and every other epoch's labeled ones, stay as
+    they were.
     """
 
     steps: int = 0
     epoch: int = 0
+    labeled_on: bool = True
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, labeled: bool = True) -> None:
+        self.epoch, self.labeled_on = epoch, labeled
 
     def close(self) -> None:
         """Releases loaders and files (nothing here)."""

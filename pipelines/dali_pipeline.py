@@ -372,7 +372,7 @@ class DALIPipeline(TrainingPipeline):
             _BatchSource(self.shards, batches), self.unlabeled_groups, b, epoch, UNLABELED
         )
         labeled = None
-        if self.sampler is not None:
+        if self.sampler is not None and self.labeled_on:
             rows = list(self.labeled_batches(epoch))  # steps x [C*K]
             source = _StoreSource(self.store, rows, self.labels_of)
             cb = self.sampler.batch_size

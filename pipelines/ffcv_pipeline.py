@@ -180,7 +180,7 @@ class FFCVPipeline(TrainingPipeline):
         bench/loaders.py times as host-side work. Each pair is valid until the next."""
         unlabeled = self._start(self.unlabeled_loader, self.unlabeled_decoder, UNLABELED)
         labeled = None
-        if self.labeled_crops is not None:
+        if self.labeled_crops is not None and self.labeled_on:
             key = stable_key(self.seed, self.epoch, self.rank, LABELED)
             labeled = self.labeled_crops.epoch(self.labeled_batches(self.epoch), key)
         try:

@@ -75,6 +75,8 @@ class SyntheticPipeline(EpochPipeline):
         labeled_indices = torch.from_numpy(self.labeled[pick])  # [N]
         labels = torch.from_numpy(self.labels_of[labeled_indices.numpy()])  # [N]
         indices = torch.randint(max(len(self.labels_of), B), (B,), generator=g)  # [B]
+        if not self.labeled_on:  # drawn all the same: the unlabeled draws stay as they were
+            labeled, labels, labeled_indices = [], labels[:0], labeled_indices[:0]
         return Batch(
             unlabeled_views=unlabeled,
             labeled_views=labeled,

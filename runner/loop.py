@@ -340,7 +340,7 @@ class Trainer:
 
     def step_images(self, batch: Batch, sup: bool) -> int:
         """Images the model processed this step, all ranks: the labeled batch only while
-        SuNCEt is on (with it off the pipeline still draws it, but no forward sees it)."""
+        SuNCEt is on (with it off, `fit` asks the pipeline for no labeled stream)."""
         return (batch.batch_size + (batch.n_labeled if sup else 0)) * self.info.world_size
 
     def train_epoch(self, pipeline, epoch: int) -> None:
@@ -427,7 +427,7 @@ class Trainer:
                 self.evaluate(epoch=-1)
         barrier()
         for epoch in range(start_epoch, self.cfg.run.epochs):
-            pipeline.set_epoch(epoch)
+            pipeline.set_epoch(epoch, labeled=self.sup_active(epoch))  # none once SuNCEt is off
             self.train_epoch(pipeline, epoch)
             self.end_epoch(epoch)
 

@@ -59,6 +59,7 @@ class Run:
     indices: list[np.ndarray]  # per step, [B]
     labeled_indices: list[np.ndarray]  # per step, [C*K]
     stats: dict[str, tuple[np.ndarray, np.ndarray]]  # group -> per-channel (mean, std), [3]
+    without_labeled: list[Batch]  # epoch 1 again, with `set_epoch(1, labeled=False)`
 
 
 class ChannelStats:
@@ -95,9 +96,12 @@ def run(backend: str, data_dir, aug: AugConfig) -> Run:
                 stats["large"].add(b.unlabeled_views[: aug.n_large])
                 stats["small"].add(b.unlabeled_views[aug.n_large :])
                 stats["labeled"].add(b.labeled_views)
+        p.set_epoch(EPOCHS[-1], labeled=False)
+        without_labeled = list(p)
     finally:
         p.close()
-    return Run(first, indices, labeled_indices, {g: s.result() for g, s in stats.items()})
+    stats = {g: s.result() for g, s in stats.items()}
+    return Run(first, indices, labeled_indices, stats, without_labeled)
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +217,13 @@ def test_pipelines_import_nothing_of_the_other_rooms_but_the_manifest():
             for name in names:
                 if name.split(".")[0] in rooms:
                     assert name == "convert.manifest", f"{path.name}:{node.lineno} imports {name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_epoch_without_the_labeled_stream_keeps_its_unlabeled_images(runs, backend):
+    run = runs[backend, "full"]
+    last = run.indices[-len(run.without_labeled) :]  # epoch 1 with the labeled stream
+    for b, indices in zip(run.without_labeled, last, strict=True):
+        assert b.labeled_views == [] and b.labels.numel() == b.labeled_indices.numel() == 0
+        assert len(b.unlabeled_views) == FULL.n_large + FULL.n_small
+        assert np.array_equal(b.indices.numpy(), indices)

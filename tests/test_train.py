@@ -195,6 +195,32 @@ def test_nonfinite_step_leaves_weights_untouched(tmp_path, monkeypatch):
     assert len(trainer.optimizer.state) == momentum_before == 0
 
 
+def test_once_suncet_is_off_the_pipeline_draws_no_labeled_batch(tmp_path, monkeypatch):
+    from pipelines.synthetic import SyntheticPipeline
+
+    asked, seen = [], []
+    set_epoch, batch = SyntheticPipeline.set_epoch, SyntheticPipeline._batch
+
+    def record_epoch(self, epoch, labeled=True):
+        asked.append((epoch, labeled))
+        set_epoch(self, epoch, labeled)
+
+    def record_batch(self, step):
+        b = batch(self, step)
+        seen.append((self.epoch, len(b.labeled_views), b.n_labeled))
+        return b
+
+    monkeypatch.setattr(SyntheticPipeline, "set_epoch", record_epoch)
+    monkeypatch.setattr(SyntheticPipeline, "_batch", record_batch)
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "2", "--supervised-epochs", "1") == 0
+    assert asked == [(0, True), (1, False)]
+    assert seen == [(0, 1, 8), (0, 1, 8), (1, 0, 0), (1, 0, 0)]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["l_sup"] is None) for r in recs] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    assert recs[-1]["images"] == 2 * (8 + 8) + 2 * 8  # the labeled images of epoch 0 only
+
+
 def test_train_py_runs_from_the_command_line(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(out), "--epochs", "1"]
