@@ -84,7 +84,7 @@ def train(model: nn.Module, loader, epochs: int, args: argparse.Namespace, val=N
     model.train()
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=next(model.parameters()).device)  # read once an epoch
         for batch in loader:
             for group in opt.param_groups:
                 group["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * step / total))
@@ -92,7 +92,7 @@ def train(model: nn.Module, loader, epochs: int, args: argparse.Namespace, val=N
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach().cpu()
+            loss_sum += loss.detach().float()
             step += 1
         rec = {"epoch": epoch, "loss": float(loss_sum) / max(1, len(loader))}
         if val is not None and args.eval_every and (epoch + 1) % args.eval_every == 0:

@@ -408,6 +408,29 @@ def check_resume_steps(state: dict, path: Path, steps_per_epoch: int, world: int
         )
 
 
+def warn_schedule_change(
+    state: dict, cfg: rc.TrainConfig, schedule: np.ndarray, world: int
+) -> None:
+    """Names the LR jump of a run resumed with another --epochs (its cosine is recomputed)."""
+    from model.optim import lr_schedule
+
+    before = int(state.get("config", {}).get("run", {}).get("epochs", cfg.run.epochs))
+    step, epoch = int(state["step"]), int(state["epoch"])
+    if before == cfg.run.epochs or epoch == 0:
+        return
+    if epoch >= cfg.run.epochs:
+        log.warning("--epochs %d: the checkpoint is at epoch %d; nothing left to train",
+                    cfg.run.epochs, epoch)  # fmt: skip
+        return
+    old = lr_schedule(cfg.optim, step // epoch, before, cfg.data.batch_size * world)
+    was = f"{old[step]:.4g}" if step < len(old) else f"none (it ended at {old[-1]:.4g})"
+    log.warning(
+        "--epochs %d: the run was set for %d epochs; its LR schedule is recomputed for %d: "
+        "step %d gets LR %.4g, where the old schedule gave %s",
+        cfg.run.epochs, before, cfg.run.epochs, step + 1, schedule[step], was,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -461,6 +484,7 @@ def setup(args: argparse.Namespace):
     if args.resume and (run_dir / ckpt.LATEST).is_file():
         state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
         check_resume_steps(state, run_dir / ckpt.LATEST, len(pipeline), world)
+        warn_schedule_change(state, cfg, schedule, world)
         start_epoch = trainer.resume_from(state)
         log.info("resumed from %s at epoch %d, step %d", run_dir / ckpt.LATEST, start_epoch,
                  trainer.step)  # fmt: skip

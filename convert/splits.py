@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 TRAIN = "train"
 STANDARD_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
 _FRACTION = re.compile(r"^(\d+(?:\.\d+)?)(?:pct|%)$")
+_IMAGENET_NAME = re.compile(r"^n\d{8}_\d+\.JPEG$")  # ImageNet's train files: n01440764_10026.JPEG
 
 
 class SplitError(ValueError):
@@ -150,7 +151,15 @@ def resolve_split(
     if match:
         fraction = float(match.group(1)) / 100
         idx = stratified_split(manifest, fraction, seed)
-        log.info("label split %s: stratified draw, seed %d, %d samples", spec, seed, len(idx))
+        if spec in STANDARD_FILES and looks_like_imagenet(manifest):
+            log.warning(
+                "label split %s: no %s in %s and no --split-file, so a seeded class-stratified "
+                "draw (seed %d, %d samples), NOT ImageNet's standard %s split: for numbers "
+                "comparable with published ones pass --split-file PATH/%s",
+                spec, STANDARD_FILES[spec], data_dir, seed, len(idx), spec, STANDARD_FILES[spec],
+            )  # fmt: skip
+        else:
+            log.info("label split %s: stratified draw, seed %d, %d samples", spec, seed, len(idx))
         return idx
 
     if Path(spec).is_file() or "/" in spec or spec.endswith(".txt"):
@@ -158,6 +167,13 @@ def resolve_split(
     raise SplitError(
         f"label split {spec!r}: expected 1pct, 10pct, <p>pct, all, or the path of a split file"
     )
+
+
+def looks_like_imagenet(manifest: Manifest) -> bool:
+    """Whether the train files carry ImageNet's names (its standard split files apply)."""
+    files = _train(manifest).files[:100]
+    named = sum(bool(_IMAGENET_NAME.match(os.path.basename(f))) for f in files)
+    return named > len(files) / 2
 
 
 def write_split(path: str | os.PathLike, manifest: Manifest, indices: np.ndarray) -> Path:

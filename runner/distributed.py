@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,12 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
+# Collectives wait this long before a rank gives up (NCCL's default is 10 minutes): the other
+# ranks wait at a barrier while rank 0 alone evaluates (`--monitor-every`) and writes the
+# checkpoint, which on a 10% ImageNet bank or a slow shared filesystem can pass 10 minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
 def init_distributed(device: str) -> DistInfo:
     """Joins the process group (NCCL on CUDA, Gloo on CPU) when WORLD_SIZE > 1."""
     rank, world, local = env_world()
@@ -45,7 +52,9 @@ def init_distributed(device: str) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         kwargs = {"device_id": dev} if device == "cuda" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT, **kwargs
+        )
     return DistInfo(rank, world, local, dev)
 
 

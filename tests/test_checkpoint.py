@@ -130,3 +130,20 @@ def test_resume_may_move_the_cutting_of_views(tmp_path):
     )
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["crops"] == "host"
+
+
+def test_resume_with_another_epochs_names_the_lr_jump(tmp_path, caplog):
+    from model.optim import lr_schedule
+    from runner.config import load_json
+
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "2") == 0  # 2 steps an epoch, batch 8
+    assert load_train().main(["--out", str(out), "--resume", "--epochs", "4"]) == 0
+    optim = load_json(out / "config.json").optim
+    new, old = lr_schedule(optim, 2, 4, 8), lr_schedule(optim, 2, 2, 8)
+    assert (
+        f"--epochs 4: the run was set for 2 epochs; its LR schedule is recomputed for 4: step 5 "
+        f"gets LR {new[4]:.4g}, where the old schedule gave none (it ended at {old[-1]:.4g})"
+    ) in caplog.text
+    assert load_train().main(["--out", str(out), "--resume", "--epochs", "3"]) == 0
+    assert "--epochs 3: the checkpoint is at epoch 4; nothing left to train" in caplog.text

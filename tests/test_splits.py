@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from conftest import SPLIT_1PCT, SPLIT_10PCT, require
@@ -83,6 +85,25 @@ def test_stratified_fallback_takes_at_least_one_and_about_p_per_class():
     tenth = resolve_split(manifest, "10pct", seed=0)
     assert abs(len(tenth) - 0.1 * sum(sizes)) <= len(sizes)
     assert (np.diff(idx) > 0).all() and idx.dtype == np.int64
+
+
+def test_1pct_without_the_standard_file_on_imagenet_warns_that_the_split_is_a_draw(
+    names_1pct, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    manifest = imagenet_like_manifest(names_1pct[:300], extra_per_class=0)
+    idx = resolve_split(manifest, "1pct", seed=0, data_dir=tmp_path)  # no 1percent.txt there
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and len(idx) > 0
+    msg = warned[0].getMessage()
+    assert "NOT ImageNet's standard 1pct split" in msg and "--split-file PATH/1percent.txt" in msg
+    assert str(tmp_path) in msg
+
+    caplog.clear()
+    resolve_split(uneven_manifest([50] * 4), "1pct", seed=0)  # CIFAR-like names: a draw is the way
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    resolve_split(manifest, "2pct", seed=0)  # asked for a draw by name
+    assert "WARNING" not in [r.levelname for r in caplog.records]
 
 
 def test_stratified_draw_is_deterministic_per_seed():
