@@ -18,6 +18,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     temperature: float = 0.1  # NT-Xent tau
+    small_pairs: bool = True  # NT-Xent positives: every pair of views (VISSL's multi-crop
+    #   SimCLR); --no-small-pairs: pairs with a large crop only (SwAV, PAWS)
     sup_temperature: float = 0.1  # SuNCEt tau
     label_smoothing: float = 0.0
     supervised_epochs: int = 1000  # SuNCEt is added for the first N epochs only

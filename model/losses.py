@@ -27,22 +27,35 @@ NEG_INF = float("-inf")
 
 
 class NTXentLoss(nn.Module):
-    """NT-Xent over V views per image; the other V-1 views of an image are its positives.
+    """NT-Xent over V views per image; the other views of an image are its positives.
 
     For anchor a and its positives P(a): mean_a mean_{p in P(a)} -log(e^{s_ap/t} / sum_{k!=a}
     e^{s_ak/t}) with cosine similarities s (SupCon's L_out). With V=2 this is SimCLR's NT-Xent.
+    By default P(a) is all V-1 other views (VISSL's multi-crop SimCLR: two small crops of an
+    image are positives too); with `n_large` set, a pair needs one of the first `n_large`
+    views (the large crops): a small crop's positives are the large crops only, a large
+    crop's all the others (SwAV's and PAWS's use of small crops).
 
     Args:
         temperature: t.
         gather_distributed: contrast against every rank's embeddings (see module docstring).
+        n_large: None (every pair), or how many of the leading views are large crops.
     """
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        gather_distributed: bool = False,
+        n_large: int | None = None,
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if n_large is not None and n_large < 1:
+            raise ValueError(f"n_large must be >= 1 (or None for every pair), got {n_large}")
         self.temperature = temperature
         self.gather_distributed = gather_distributed
+        self.n_large = n_large
 
     def forward(self, z: Tensor) -> Tensor:
         """Returns the scalar loss for projections `z` of shape `[V, B, D]`."""
@@ -75,11 +88,16 @@ class NTXentLoss(nn.Module):
         same_img = a_img[:, None] == k_img[None, :]  # [VB, VB']
         is_self = same_img & (a_view[:, None] == k_view[None, :])  # [VB, VB']
         is_pos = same_img & ~is_self  # [VB, VB'], V-1 per row
+        n_pos = V - 1
+        if self.n_large is not None and self.n_large < V:
+            with_large = (a_view < self.n_large)[:, None] | (k_view < self.n_large)[None, :]
+            is_pos = is_pos & with_large  # [VB, VB']: V-1 (large anchors) or n_large per row
+            n_pos = is_pos.sum(dim=1)  # [VB]
 
-        # 4. Log-softmax over all keys but self, averaged over the V-1 positives.
+        # 4. Log-softmax over all keys but self, averaged over each anchor's positives.
         logits = logits.masked_fill(is_self, NEG_INF)  # [VB, VB']
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # [VB, VB']
-        per_anchor = -torch.where(is_pos, log_prob, 0.0).sum(dim=1) / (V - 1)  # [VB]
+        per_anchor = -torch.where(is_pos, log_prob, 0.0).sum(dim=1) / n_pos  # [VB]
         return per_anchor.mean()
 
 

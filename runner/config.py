@@ -234,6 +234,8 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
         )
     if a.n_large + a.n_small < 2:
         raise ConfigError("--n-large/--n-small: NT-Xent needs at least 2 unlabeled views")
+    if not cfg.loss.small_pairs and a.n_large < 1:
+        raise ConfigError("--no-small-pairs: a positive pair needs a large crop; --n-large is 0")
     check_views(a)
     check_model_and_loss(cfg)
     for name in ("epochs", "log_interval", "max_nonfinite"):

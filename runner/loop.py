@@ -213,7 +213,8 @@ class Trainer:
         self.flops_per_step = flops_per_step or {True: 0, False: 0}
         self.monitor = monitor
         gather = info.distributed
-        self.ntxent = NTXentLoss(cfg.loss.temperature, gather_distributed=gather)
+        n_large = None if cfg.loss.small_pairs else cfg.aug.n_large
+        self.ntxent = NTXentLoss(cfg.loss.temperature, gather_distributed=gather, n_large=n_large)
         self.suncet = SuNCEtLoss(
             cfg.loss.sup_temperature, cfg.loss.label_smoothing, gather_distributed=gather
         )

@@ -82,6 +82,7 @@ def test_unknown_preset_option_is_named(tmp_path):
         (["--gray-p", "1.5"], "--gray-p"),
         (["--temperature", "0"], "--temperature"),
         (["--sup-temperature", "-1"], "--sup-temperature"),
+        (["--no-small-pairs", "--n-large", "0", "--n-small", "2"], "--no-small-pairs"),
         (["--arch", "resnet7"], "--arch: unknown 'resnet7'; choose from resnet101"),
         (["--head-layers", "0"], "--head-layers"),
     ],

@@ -12,16 +12,18 @@ import torch.nn.functional as F
 from model.losses import NTXentLoss, SuNCEtLoss, suncet_total
 
 
-def naive_ntxent(z: torch.Tensor, tau: float) -> float:
-    """Multi-positive NT-Xent (SupCon L_out) as a double loop over anchors and keys."""
+def naive_ntxent(z: torch.Tensor, tau: float, n_large: int | None = None) -> float:
+    """Multi-positive NT-Xent (SupCon L_out) as a double loop over anchors and keys; with
+    `n_large`, two views are positives only if one of them is among the first n_large."""
     V, B, _ = z.shape
+    n_large = V if n_large is None else n_large
     z = F.normalize(z.double(), dim=-1)
     items = [(v, b) for v in range(V) for b in range(B)]
     total = 0.0
     for v, b in items:
         sim = {k: float(z[v, b] @ z[k[0], k[1]]) / tau for k in items}
         denom = sum(math.exp(s) for k, s in sim.items() if k != (v, b))
-        pos = [(w, b) for w in range(V) if w != v]
+        pos = [(w, b) for w in range(V) if w != v and min(v, w) < n_large]
         total += sum(-math.log(math.exp(sim[p]) / denom) for p in pos) / len(pos)
     return total / len(items)
 
@@ -67,6 +69,17 @@ def test_ntxent_matches_naive_loop(V, B, tau):
     z = torch.randn(V, B, 7, generator=torch.Generator().manual_seed(V * 10 + B))
     got = NTXentLoss(tau)(z)
     assert got.item() == pytest.approx(naive_ntxent(z, tau), rel=1e-5)
+
+
+@pytest.mark.parametrize("V,n_large", [(8, 2), (4, 1), (3, 2), (2, 2), (5, 5)])
+def test_ntxent_with_small_crops_matched_to_large_ones_matches_naive_loop(V, n_large):
+    z = torch.randn(V, 4, 6, generator=torch.Generator().manual_seed(V + 7 * n_large))
+    got = NTXentLoss(0.2, n_large=n_large)(z)
+    assert got.item() == pytest.approx(naive_ntxent(z, 0.2, n_large), rel=1e-5)
+    if V > n_large + 1:  # there are small-small pairs to leave out
+        assert got.item() != pytest.approx(NTXentLoss(0.2)(z).item(), rel=1e-3)
+    else:
+        assert got.item() == pytest.approx(NTXentLoss(0.2)(z).item(), rel=1e-6)
 
 
 def test_ntxent_two_views_equals_simclr_textbook():
