@@ -372,7 +372,7 @@ class Trainer:
             if self.step % self.cfg.run.log_interval == 0 or i == n_steps - 1:
                 rec = self.log_interval(epoch, sup)
                 if bar is not None:
-                    bar.set_postfix_str(f"l_unsup {metrics._num(rec['l_unsup'], '.3f')}")
+                    bar.set_postfix_str(f"l_unsup {metrics.fmt_num(rec['l_unsup'], '.3f')}")
             if bar is not None:
                 bar.update(1)
         if bar is not None:

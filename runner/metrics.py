@@ -20,7 +20,7 @@ CSV = "metrics.csv"
 PLOT = "metrics.png"
 
 
-def _num(x: float | None, fmt: str) -> str:
+def fmt_num(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
@@ -29,9 +29,9 @@ def format_line(rec: dict) -> str:
 
     `l_sup` reads `off` once SuNCEt is no longer added (after `supervised_epochs`).
     """
-    sup = _num(rec["l_sup"], ".2f") if rec.get("sup_active", True) else "off"
+    sup = fmt_num(rec["l_sup"], ".2f") if rec.get("sup_active", True) else "off"
     line = (
-        f"step {rec['step']} ep {rec['epoch']} | l_unsup {_num(rec['l_unsup'], '.2f')} "
+        f"step {rec['step']} ep {rec['epoch']} | l_unsup {fmt_num(rec['l_unsup'], '.2f')} "
         f"l_sup {sup} | lr {rec['lr']:.2e} | {rec['img_per_s']:.0f} img/s | "
         f"data-wait {100 * rec['data_wait']:.0f}%"
     )
