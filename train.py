@@ -19,6 +19,7 @@ import socket
 import sys
 import typing
 from dataclasses import dataclass, replace
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,8 @@ def make_run_dir(run_dir: Path) -> str | None:
 
 def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInfo) -> Path:
     """Refuses a folder another run is training in (its lock), and to overwrite a run without
-    --resume or --force; --force clears the old run.
+    --resume or --force. Nothing in it changes yet: `start_run_files` clears an old run
+    (--force) and opens train.log once every check has passed; log lines wait until then.
 
     `--benchmark` writes only RUN_DIR/benchmark.json, so it takes no lock and refuses and
     clears nothing (it may sit beside a live run).
@@ -255,14 +257,27 @@ def prepare_run_dir(cfg: rc.TrainConfig, args: argparse.Namespace, info: DistInf
             "to overwrite it"
         )
     if info.is_main:
+        add_handler(MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1), "%(message)s")
+    return run_dir
+
+
+def start_run_files(run_dir: Path, args: argparse.Namespace, info: DistInfo) -> None:
+    """The start of a run that passed every check: --force clears the old run, train.log
+    opens and receives the lines logged so far (a refused start leaves the folder as it was)."""
+    if info.is_main:
         if args.force and not args.resume:
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
             for old in run_dir.glob("checkpoint*.pt"):
                 old.unlink()
-        add_handler(logging.FileHandler(run_dir / "train.log"), "%(asctime)s %(message)s", "%X")
+        file = logging.FileHandler(run_dir / "train.log")
+        add_handler(file, "%(asctime)s %(message)s", "%X")
+        for early in [h for h in logging.getLogger().handlers if isinstance(h, MemoryHandler)]:
+            for record in early.buffer:
+                file.handle(record)
+            logging.getLogger().removeHandler(early)
+            early.close()
     barrier()
-    return run_dir
 
 
 @dataclass
@@ -466,9 +481,15 @@ def setup(args: argparse.Namespace):
     global_batch = cfg.data.batch_size * world
     schedule = lr_schedule(cfg.optim, len(pipeline), cfg.run.epochs, global_batch)
     monitor = None if args.benchmark is not None else build_monitor(cfg, info, labels)
-    if info.is_main and args.benchmark is None:  # only now: a failed start leaves no run
-        rc.save_json(cfg, run_dir / CONFIG_JSON)
-        save_labels(labels, run_dir)
+    state = None
+    if args.resume and (run_dir / ckpt.LATEST).is_file():
+        state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
+        check_resume_steps(state, run_dir / ckpt.LATEST, len(pipeline), world)
+    if args.benchmark is None:  # only now: a failed start leaves the folder as it was
+        start_run_files(run_dir, args, info)
+        if info.is_main:
+            rc.save_json(cfg, run_dir / CONFIG_JSON)
+            save_labels(labels, run_dir)
     trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops, monitor)
     log.info(
         "run %s | %s pipeline, %d steps/epoch | %d labeled images, %d classes | global batch "
@@ -481,9 +502,7 @@ def setup(args: argparse.Namespace):
 
     # 5. Resume at the last epoch boundary: every rank loads the same checkpoint.
     start_epoch = 0
-    if args.resume and (run_dir / ckpt.LATEST).is_file():
-        state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
-        check_resume_steps(state, run_dir / ckpt.LATEST, len(pipeline), world)
+    if state is not None:
         warn_schedule_change(state, cfg, schedule, world)
         start_epoch = trainer.resume_from(state)
         log.info("resumed from %s at epoch %d, step %d", run_dir / ckpt.LATEST, start_epoch,

@@ -149,6 +149,25 @@ def test_force_replaces_the_previous_run(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # 2 steps, not 4
 
 
+def test_force_that_fails_its_checks_leaves_the_previous_run_as_it_was(
+    tmp_path, monkeypatch, capsys
+):
+    from pipelines.errors import PipelineError
+
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1", "--checkpoint-every", "1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".run.lock"}
+
+    def bad_data(*args, **kwargs):
+        raise PipelineError("data/x/train.beton: sample 23: its JPEG does not decode")
+
+    monkeypatch.setattr(load_train(), "build_data", bad_data)
+    assert run_main(out, "--epochs", "2", "--force") == 2
+    assert "sample 23" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".run.lock"}
+    assert after == before  # config, split, checkpoints, metrics, plot and train.log
+
+
 def nan_after(n_good: int):
     """An NTXentLoss stand-in whose loss turns NaN after `n_good` calls."""
     from model.losses import NTXentLoss
