@@ -533,6 +533,7 @@ def benchmark(args: argparse.Namespace, trainer, pipeline, argv: list[str]) -> i
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the program; returns the exit status (0 done, 1 stopped, 2 bad settings)."""
+    from pipelines.errors import PipelineError
     from runner.loop import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
@@ -559,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
             status = 130
         except (ckpt.CheckpointError, NonFiniteLossError) as e:
             log.error("error: %s", e)
+            status = 1
+        except PipelineError as e:  # data damaged after conversion, met in the middle of a run
+            kept = trainer.last_checkpoint or "none"
+            log.error("error: %s; last checkpoint: %s", e, kept)
             status = 1
         except OSError as e:  # a full disk or a lost mount while writing metrics or the plot
             kept = trainer.last_checkpoint or "none"

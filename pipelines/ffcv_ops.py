@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import llvmlite.binding as llvm
 import numba
@@ -74,6 +75,8 @@ from numba import carray, njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+from pipelines.errors import PipelineError  # noqa: E402
+
 # 1. FFCV's C functions, bound by symbol name so that code calling them can be cached.
 llvm.load_library_permanently(ffcv._libffcv.__file__)
 _u32, _i64 = types.uint32, types.int64
@@ -89,6 +92,7 @@ _imdecode = types.ExternalFunction(
 _resize = types.ExternalFunction("resize", types.void(*[_i64] * 11))
 
 JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
+UNDECODED = np.uint64(1 << 63)  # set in a row's sample index when its JPEG did not decode
 
 
 @intrinsic
@@ -192,20 +196,28 @@ def _batch_key(batch_indices):
 
 @njit(cache=True)
 def _pixels(field, mmap, ptrs, sizes, scratch):
-    """(address of the sample's HWC pixels, height, width): decoded into `scratch` when stored
-    as JPEG, in the storage itself when stored raw."""
+    """(address of the sample's HWC pixels, height, width, imdecode's status: 0 decoded):
+    decoded into `scratch` when stored as JPEG, in the storage itself when stored raw."""
     address = np.uint64(field["data_ptr"])
     size = find_size(ptrs, sizes, address)
     data = mmap[address : address + size]
     height, width = np.int64(field["height"]), np.int64(field["width"])
     if field["mode"] != JPG_MODE:  # raw pixels, stored HWC
-        return data.ctypes.data, height, width
-    _imdecode(
+        return data.ctypes.data, height, width, 0
+    status = _imdecode(
         data.ctypes.data, np.uint64(size), np.uint32(height), np.uint32(width),
         scratch.ctypes.data, np.uint32(height), np.uint32(width),
         np.uint32(0), np.uint32(0), np.uint32(1), np.uint32(1), np.uint8(0), np.uint8(0),
     )  # fmt: skip
-    return scratch.ctypes.data, height, width
+    return scratch.ctypes.data, height, width, status
+
+
+@njit(cache=True)
+def _write_index(row, at, sample, status):
+    """The row's sample index (8 bytes at `at`), its top bit set when the JPEG did not decode
+    (`check_rows` turns that into an error on the host)."""
+    mark = np.uint64(0) if status == 0 else UNDECODED
+    row[at : at + 8].view(np.uint64)[0] = np.uint64(sample) | mark
 
 
 @njit(cache=True)
@@ -250,9 +262,9 @@ def _multicrop_kernel(
     batch_key = _batch_key(batch_indices)
     for b in prange(len(batch_indices)):
         sample = batch_indices[b]
-        source, height, width = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
+        source, height, width, status = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
         row = out[b]
-        row[index_offset : index_offset + 8].view(np.uint64)[0] = np.uint64(sample)
+        _write_index(row, index_offset, sample, status)
         for v in range(len(view_size)):
             i, j, h, w = _box(key, batch_key, np.int64(b), sample, v, height, width, view_box[v])
             s = view_size[v]
@@ -276,10 +288,11 @@ def _image_kernel(batch_indices, out, scratch, metadata, mmap, ptrs, sizes, view
     batch_key = _batch_key(batch_indices)
     for b in prange(len(batch_indices)):
         sample = batch_indices[b]
-        source, height, width = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
+        source, height, width, status = _pixels(metadata[sample], mmap, ptrs, sizes, scratch[b])
         slot = np.int64(b)  # b is an int64 where numba types the loop, a uint64 where it
         # lowers it: without the cast it compiles every callee twice (~2 s)
         _image_row(out[b], source, height, width, sample, slot, view_box, layout, key, batch_key)
+        _write_index(out[b], layout[3], sample, status)
     return out[: len(batch_indices)]
 
 
@@ -433,6 +446,18 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
 
         decode.is_parallel = False  # the kernel is parallel itself
         return decode
+
+
+def check_rows(rows: torch.Tensor, decoder: MultiCropDecoder, beton: Path, files) -> None:
+    """Raises `PipelineError` naming the first sample of host `rows` whose JPEG the kernel
+    could not decode (damaged after conversion; its views would be garbage otherwise)."""
+    index = row_indices(rows, decoder)  # [B]; the top bit marks a failed decode
+    if bool((index < 0).any()):
+        sample = int(index[index < 0][0]) & ((1 << 63) - 1)
+        raise PipelineError(
+            f"{beton}: sample {sample} ({files[sample]}): its JPEG does not decode (the file "
+            "was damaged after conversion); reconvert the dataset"
+        )
 
 
 def row_indices(flat: torch.Tensor, decoder: MultiCropDecoder) -> torch.Tensor:

@@ -37,6 +37,7 @@ from pipelines.ffcv_ops import (
     FixedOrder,
     MultiCropDecoder,
     cached_os_reader,
+    check_rows,
     cut_on_device,
     leave_torch_threads_alone,
     unpack_rows,
@@ -118,7 +119,7 @@ class FFCVPipeline(TrainingPipeline):
         if self.sampler is not None:
             store = beton_store(
                 self.beton, self.reader, self.data_dir, self.data.cache_dir,
-                self.train_fingerprint, self.labeled,
+                self.train_fingerprint, self.labeled, self._split.files,
             )  # fmt: skip
             self.labeled_crops = StoreCrops(
                 store,
@@ -186,6 +187,7 @@ class FFCVPipeline(TrainingPipeline):
         try:
             for _ in range(self.steps):
                 (rows,) = next(unlabeled)
+                check_rows(rows, self.unlabeled_decoder, self.beton, self._split.files)
                 yield rows, None if labeled is None else next(labeled)
         finally:
             unlabeled.close()

@@ -83,8 +83,11 @@ def check_threading_layer() -> None:
         )
 
 
-def _beton_chunks(beton: Path, reader, samples: np.ndarray) -> Iterator[list[np.ndarray]]:
-    """The images of `samples` decoded from the ``.beton``, ``CHUNK`` at a time."""
+def _beton_chunks(
+    beton: Path, reader, samples: np.ndarray, files: Sequence[str]
+) -> Iterator[list[np.ndarray]]:
+    """The images of `samples` decoded from the ``.beton``, ``CHUNK`` at a time; `files`
+    (the split's file names) name a sample whose JPEG does not decode."""
     metadata = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # [N]
     mmap = np.memmap(beton, dtype=np.uint8, mode="r")
     order = np.argsort(reader.alloc_table["ptr"])
@@ -101,7 +104,10 @@ def _beton_chunks(beton: Path, reader, samples: np.ndarray) -> Iterator[list[np.
         _decode_kernel(ix, out, offset, status, metadata, mmap, ptrs, sizes)
         if status.any():
             bad = int(ix[np.flatnonzero(status)[0]])
-            raise PipelineError(f"{beton}: sample {bad}: its JPEG does not decode; reconvert")
+            raise PipelineError(
+                f"{beton}: sample {bad} ({files[bad]}): its JPEG does not decode (the file was "
+                "damaged after conversion); reconvert the dataset"
+            )
         yield [
             out[o : o + n].reshape(hh, ww, 3)
             for o, n, hh, ww in zip(offset, nbytes, h, w, strict=True)
@@ -109,13 +115,26 @@ def _beton_chunks(beton: Path, reader, samples: np.ndarray) -> Iterator[list[np.
 
 
 def beton_store(
-    beton: Path, reader, data_dir: Path, cache_dir: str, fingerprint: str, samples: np.ndarray
+    beton: Path,
+    reader,
+    data_dir: Path,
+    cache_dir: str,
+    fingerprint: str,
+    samples: np.ndarray,
+    files: Sequence[str],
 ) -> LabeledStore:
     """The labeled store of `samples` decoded from `beton` (built once, then reused)."""
     return open_store(
         data_dir, cache_dir, "ffcv", [beton.stat().st_size], fingerprint, samples,
-        lambda: _beton_chunks(beton, reader, samples),
+        lambda: _beton_chunks(beton, reader, samples, files),
     )  # fmt: skip
+
+
+def check_decodes(beton: Path, reader, samples: np.ndarray, files: Sequence[str]) -> None:
+    """Decodes `samples` of `beton` once, keeping nothing: raises `PipelineError` naming the
+    first whose JPEG does not decode (FFCV's own decoders would hand on garbage pixels)."""
+    for _ in _beton_chunks(beton, reader, np.unique(samples), files):
+        pass
 
 
 class StoreCrops:

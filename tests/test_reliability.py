@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -117,6 +118,61 @@ def test_truncated_files_stop_the_pipelines_and_eval_loaders_themselves(cifar_da
     ):
         with pytest.raises(PipelineError, match="truncated or from another conversion"):
             build()
+
+
+def break_jpeg(beton: Path, sample: int) -> str:
+    """Overwrites the JPEG start marker of `sample` in a (copied) .beton; returns its file."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    field = reader.metadata[f"f{list(reader.handlers).index('image')}"][sample]
+    with open(beton, "r+b") as f:
+        f.seek(int(field["data_ptr"]))
+        assert f.read(2) == b"\xff\xd8"
+        f.seek(int(field["data_ptr"]))
+        f.write(b"\x00\x00")  # same size: the file checks cannot see it
+    return load_manifest(beton.parent).splits[beton.stem].files[sample]
+
+
+def test_a_jpeg_damaged_inside_a_beton_stops_every_ffcv_reader_naming_it(
+    cifar_dataset, tmp_path, capsys
+):
+    """FFCV's decoders hand on garbage pixels for a JPEG that does not decode: the trainer's
+    loaders (unlabeled and labeled streams, fine-tuning, centre crops) name it instead."""
+    from pipelines.config import AugConfig, DataConfig
+    from pipelines.errors import PipelineError
+    from pipelines.eval_loader import CenterCropLoader, FinetuneLoader
+    from pipelines.ffcv_pipeline import FFCVPipeline
+
+    data = copy_dataset(cifar_dataset, tmp_path / "data")
+    for rel in ("train.beton", "val.beton"):
+        replace_file(data / rel, (cifar_dataset / rel).read_bytes())
+    train_file, val_file = break_jpeg(data / "train.beton", 23), break_jpeg(data / "val.beton", 5)
+    cfg = DataConfig(data=str(data), batch_size=32, classes_per_batch=5, images_per_class=2,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    aug = AugConfig(large_size=16, n_small=1, small_size=8)
+    damaged = f"sample 23 ({train_file}): its JPEG does not decode"
+
+    unlabeled = FFCVPipeline(str(data), cfg, aug, [], device="cpu")  # 23 is in the first batch
+    with pytest.raises(PipelineError, match=re.escape(damaged)):
+        list(unlabeled)
+    unlabeled.close()
+    with pytest.raises(PipelineError, match=re.escape(damaged)):  # building its labeled store
+        FFCVPipeline(str(data), cfg, aug, sorted({23, *range(0, 600, 30)}), device="cpu")
+    finetune = FinetuneLoader(data, "train", list(range(0, 64)), aug, batch_size=32)
+    with pytest.raises(PipelineError, match=re.escape(damaged)):
+        list(finetune)
+    with pytest.raises(PipelineError, match=re.escape(f"sample 5 ({val_file}): its JPEG")):
+        CenterCropLoader(data, "val", None, aug)
+    assert len(list(CenterCropLoader(data, "val", list(range(6, 40)), aug))) == 1  # 5 not read
+
+    # train.py meets it in the middle of an epoch (23 is not labeled): one line, status 1.
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{f}\n" for f in load_manifest(data).splits["train"].files[::30]))
+    out = tmp_path / "run"
+    assert train_real(data, out, "--labels", str(labels), "--batch-size", "32") == 1
+    line = one_error_line(capsys.readouterr().out)  # the log (stdout) says it
+    assert damaged in line and line.endswith("last checkpoint: none")
 
 
 def test_converter_import_leaves_torch_threads_alone():
