@@ -77,6 +77,35 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def out_path(args: argparse.Namespace, prefix: str) -> Path:
+    """Where the results go: --out, or RUN/<prefix>-<checkpoint name>.json."""
+    ckpt = Path(args.checkpoint)
+    return Path(args.out) if args.out else ckpt.parent / f"{prefix}-{ckpt.stem}.json"
+
+
+def check_common(args: argparse.Namespace, out: Path) -> str | None:
+    """The first problem with the shared options (before any work), or None."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available; use --device cpu"
+    if args.batch_size < 1 or args.num_workers < 1:
+        return "--batch-size and --num-workers must be >= 1"
+    if out.is_dir():
+        return f"--out {out}: is a folder; name the JSON file to write"
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"--out {out}: {blocker} is a file, not a folder"
+    return None
+
+
+def check_args(args: argparse.Namespace, out: Path) -> str | None:
+    """The first problem with evaluate.py's options, or None."""
+    if args.snn_temperature <= 0 or args.knn_temperature <= 0:
+        return "--snn-temperature and --knn-temperature must be > 0"
+    if args.knn_k < 1:
+        return f"--knn-k: must be >= 1, got {args.knn_k}"
+    return check_common(args, out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--method", default="all", choices=("snn", "knn", "all"))
@@ -146,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation; returns the exit status (0 done, 2 bad settings or input)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: CUDA is not available; use --device cpu", file=sys.stderr)
+    out = out_path(args, "eval")
+    problem = check_args(args, out)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from runner.checkpoint import CheckpointError
 
@@ -157,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}.json"
     print(f"{record['n_labeled']} labeled, {record['n_val']} val images")
     for name, accs in record["results"].items():
         line = "  ".join(f"{k} {v:.2f}" for k, v in accs.items())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluate import common_parser, labeled_indices, load_run, write_json
+from evaluate import check_common, common_parser, labeled_indices, load_run, out_path, write_json
 
 log = logging.getLogger("finetune")
 
@@ -40,6 +40,23 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(x))  # [B, C]
+
+
+class DivergedError(RuntimeError):
+    """The fine-tuning loss stopped being finite; the message names the epoch and --lr."""
+
+
+def check_args(args: argparse.Namespace, out: Path) -> str | None:
+    """The first problem with finetune.py's options, or None."""
+    if args.epochs < 1:
+        return f"--epochs: must be >= 1, got {args.epochs}"
+    if args.lr <= 0:
+        return f"--lr: must be > 0, got {args.lr}"
+    if not 0 <= args.momentum < 1:
+        return f"--momentum: must be in [0, 1), got {args.momentum}"
+    if args.weight_decay < 0 or args.eval_every < 0:
+        return "--weight-decay and --eval-every must be >= 0"
+    return check_common(args, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +112,11 @@ def train(model: nn.Module, loader, epochs: int, args: argparse.Namespace, val=N
             loss_sum += loss.detach().float()
             step += 1
         rec = {"epoch": epoch, "loss": float(loss_sum) / max(1, len(loader))}
+        if not math.isfinite(rec["loss"]):
+            raise DivergedError(
+                f"fine-tuning diverged in epoch {epoch} (mean loss {rec['loss']}); "
+                f"lower --lr (now {args.lr:g})"
+            )
         if val is not None and args.eval_every and (epoch + 1) % args.eval_every == 0:
             rec.update({f"val_{k}": v for k, v in accuracy(model, val).items()})
         shown = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch")
@@ -147,14 +169,14 @@ def finetune(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the fine-tuning; returns the exit status (0 done, 2 bad settings or input)."""
+    """Runs the fine-tuning; returns the exit status (0 done, 1 diverged, 2 bad settings or
+    input)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: CUDA is not available; use --device cpu", file=sys.stderr)
-        return 2
-    if args.epochs < 1 or args.batch_size < 1:
-        print("error: --epochs and --batch-size must be >= 1", file=sys.stderr)
+    out = out_path(args, "finetune")
+    problem = check_args(args, out)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from runner.checkpoint import CheckpointError
 
@@ -163,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt.parent / f"finetune-{ckpt.stem}.json"
     fit, val = record["labeled"], record["val"]
     print(f"fine-tuned {args.epochs} epochs on {record['n_labeled']} labeled images")
     print(f"labeled (fit) | top1 {fit['top1']:.2f}  top5 {fit['top5']:.2f}")

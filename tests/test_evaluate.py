@@ -164,6 +164,49 @@ def test_a_missing_or_unreadable_checkpoint_is_named_by_its_option(tiny_run, tmp
             assert "--resume" not in err and "--force" not in err, (script, err)
 
 
+@pytest.mark.parametrize(
+    "script, extra, says",
+    [
+        ("evaluate", ["--snn-temperature", "0"], "--snn-temperature"),
+        ("evaluate", ["--knn-temperature", "-1"], "--knn-temperature"),
+        ("evaluate", ["--knn-k", "0"], "--knn-k"),
+        ("evaluate", ["--batch-size", "0"], "--batch-size"),
+        ("finetune", ["--momentum", "2"], "--momentum"),
+        ("finetune", ["--lr", "0"], "--lr"),
+        ("finetune", ["--epochs", "0"], "--epochs"),
+        ("finetune", ["--weight-decay", "-1"], "--weight-decay"),
+    ],
+)
+def test_bad_evaluation_options_fail_before_work_naming_the_option(
+    tiny_run, script, extra, says, capsys
+):
+    main = load_script(script).main
+    assert main(["--checkpoint", str(tiny_run / "checkpoint.pt"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err
+
+
+def test_an_out_that_is_a_folder_or_below_a_file_fails_before_work(tiny_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for script in ("evaluate", "finetune"):
+        for out, says in ((tmp_path, "is a folder"), (tmp_path / "file" / "r.json", "is a file")):
+            args = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--out", str(out)]
+            assert load_script(script).main(args) == 2
+            err = capsys.readouterr().err
+            assert f"--out {out}: " in err and says in err, (script, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no .tmp left
+
+
+def test_finetune_that_diverges_fails_naming_the_epoch_and_lr(tiny_run, tmp_path, capsys):
+    finetune = load_script("finetune")
+    out = tmp_path / "ft.json"
+    args = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--out", str(out), "--epochs", "2"]
+    assert finetune.main([*args, "--batch-size", "20", "--lr", "1e6"]) == 1
+    err = capsys.readouterr().err
+    assert "error: fine-tuning diverged in epoch" in err and "lower --lr (now 1e+06)" in err
+    assert not out.exists()  # no result written as if it were one
+
+
 def test_finetune_learns_the_labeled_images_above_chance(tiny_run):
     finetune = load_script("finetune")
     out = tiny_run / "finetune.json"
