@@ -47,7 +47,7 @@ def load_run(checkpoint: str | Path, device: str = "cpu"):
 def labeled_indices(cfg, checkpoint: str | Path, data_dir: str, spec: str | None) -> np.ndarray:
     """The labeled split: `spec` if given, else the run folder's saved split."""
     from convert.manifest import load_manifest
-    from convert.splits import resolve_split
+    from convert.splits import STANDARD_FILES, resolve_split
 
     manifest = load_manifest(data_dir)
     if spec is None:
@@ -55,7 +55,7 @@ def labeled_indices(cfg, checkpoint: str | Path, data_dir: str, spec: str | None
         if not saved.is_file():
             raise ValueError(f"{saved}: no saved label split beside the checkpoint; pass --labels")
         spec = str(saved)
-    split_file = cfg.data.split_file or None
+    split_file = (cfg.data.split_file or None) if spec in STANDARD_FILES else None
     seed = cfg.run.seed
     return resolve_split(manifest, spec, seed=seed, data_dir=data_dir, split_file=split_file)
 

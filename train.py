@@ -304,8 +304,9 @@ def choose_labels(cfg: rc.TrainConfig, run_dir: Path, resume: bool) -> Labels:
     from convert.splits import resolve_split
 
     manifest = load_manifest(d.data)
-    spec = str(run_dir / SPLIT_FILE) if resume and (run_dir / SPLIT_FILE).is_file() else d.labels
-    split_file = d.split_file or None
+    spec, split_file = d.labels, d.split_file or None
+    if resume and (run_dir / SPLIT_FILE).is_file():  # the list the run chose, as it was
+        spec, split_file = str(run_dir / SPLIT_FILE), None
     indices = resolve_split(
         manifest, spec, seed=cfg.run.seed, data_dir=d.data, split_file=split_file
     )

@@ -34,16 +34,19 @@ class SplitError(ValueError):
     """A label split that cannot be resolved; the message names the spec or file."""
 
 
-def read_split_file(path: str | os.PathLike) -> list[str]:
-    """Reads a split file: one file name a line; blank lines and ``#`` comments are ignored."""
+def read_split_file(path: str | os.PathLike, option: str = "--labels") -> list[str]:
+    """Reads a split file: one file name a line; blank lines and ``#`` comments are ignored
+    (a UTF-8 byte-order mark, as some editors write, too); `option` names it in errors."""
     path = Path(path)
     if not path.is_file():
-        raise SplitError(
-            f"{path}: split file not found; pass --labels 1pct, 10pct, <p>pct, all, or the "
-            "path of an existing split file"
+        hint = (
+            "pass --labels 1pct, 10pct, <p>pct, all, or the path of an existing split file"
+            if option == "--labels"
+            else f"pass {option} the path of an existing split file"
         )
+        raise SplitError(f"{option} {path}: split file not found; {hint}")
     names = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             names.append(line)
@@ -85,15 +88,21 @@ def indices_from_names(manifest: Manifest, names: list[str], source: str = "spli
     if missing:
         raise SplitError(
             f"{source}: {len(missing)} of {len(names)} names are not in the dataset's train split "
-            f"({len(files)} samples), e.g. {', '.join(missing[:5])}; remove them from the split "
-            "file, or reconvert the full tree (check --limit-per-class, --src and skipped.txt)"
+            f"({len(files)} samples), e.g. {', '.join(missing[:5])}; if this is the dataset the "
+            "split was made for, remove them from the split file or reconvert the full tree "
+            "(check --limit-per-class, --src and skipped.txt); names are base names or "
+            "<class>/<file> paths as in manifest.json, not absolute or train/ paths"
         )
     if unclear:
         raise SplitError(
             f"{source}: {len(unclear)} base names match files in several classes, e.g. "
             f"{unclear[0]}; write them as <class>/<file> lines"
         )
-    return np.unique(np.asarray(out, dtype=np.int64))
+    unique = np.unique(np.asarray(out, dtype=np.int64))
+    if len(unique) < len(out):
+        log.warning("%s: %d lines repeat a name; %d labeled samples", source,
+                    len(out) - len(unique), len(unique))  # fmt: skip
+    return unique
 
 
 def stratified_split(manifest: Manifest, fraction: float, seed: int = 0) -> np.ndarray:
@@ -137,15 +146,24 @@ def resolve_split(
     if spec in ("all", "100pct", "100%"):
         return np.arange(_train(manifest).num_samples, dtype=np.int64)
 
-    standard = None
+    standard, option = None, "--labels"
+    if split_file is not None and spec not in STANDARD_FILES:
+        raise SplitError(
+            f"--split-file {split_file}: only read for --labels 1pct or 10pct, not {spec!r}; "
+            "pass the file as --labels FILE instead"
+        )
     if spec in STANDARD_FILES:
         if split_file is not None:
-            standard = Path(split_file)
+            standard, option = Path(split_file), "--split-file"
+            if Path(split_file).name != STANDARD_FILES[spec]:
+                log.warning("--split-file %s for --labels %s: the standard file is named %s",
+                            split_file, spec, STANDARD_FILES[spec])  # fmt: skip
         elif data_dir is not None and (Path(data_dir) / STANDARD_FILES[spec]).is_file():
             standard = Path(data_dir) / STANDARD_FILES[spec]
     if standard is not None:
         log.info("label split %s: %s", spec, standard)
-        return indices_from_names(manifest, read_split_file(standard), str(standard))
+        names = read_split_file(standard, option)
+        return indices_from_names(manifest, names, str(standard))
 
     match = _FRACTION.match(spec)
     if match:

@@ -139,3 +139,21 @@ def test_ambiguous_base_name_and_bad_specs_are_errors(tmp_path):
         resolve_split(manifest, str(tmp_path / "nope.txt"))
     with pytest.raises(SplitError, match="expected 1pct, 10pct"):
         resolve_split(manifest, "some")
+
+
+def test_split_files_with_a_byte_order_mark_or_repeated_lines_read_as_meant(tmp_path, caplog):
+    manifest = uneven_manifest([5, 5], prefix="img")
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffc0/img0001.jpg\r\nc1/img0002.jpg\nc1/img0002.jpg\n".encode())
+    assert resolve_split(manifest, str(path)).tolist() == [1, 7]
+    assert "1 lines repeat a name; 2 labeled samples" in caplog.text
+
+
+def test_split_file_option_is_named_and_never_silently_ignored(tmp_path):
+    manifest = uneven_manifest([50] * 4)
+    with pytest.raises(SplitError, match=r"^--split-file /nonexist.txt: split file not found"):
+        resolve_split(manifest, "1pct", split_file="/nonexist.txt")
+    with pytest.raises(SplitError, match=r"only read for --labels 1pct or 10pct, not '20pct'"):
+        resolve_split(manifest, "20pct", split_file=tmp_path / "1percent.txt")
+    with pytest.raises(SplitError, match=r"^--labels /nonexist.txt: split file not found"):
+        resolve_split(manifest, "/nonexist.txt")
