@@ -85,15 +85,33 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict, path: str = MANIFEST_NAME) -> Manifest:
+        fix = "reconvert the ImageFolder tree with convert/imagenet_to_ffcv.py (or _dali.py)"
         if d.get("format") != FORMAT:
             raise ManifestError(
-                f"{path}: not a suncet dataset manifest (format {d.get('format')!r})"
+                f"{path}: not a suncet dataset manifest (format {d.get('format')!r}); {fix}"
             )
-        splits = {
-            name: SplitInfo(files=list(s["files"]), labels=[int(y) for y in s["labels"]])
-            for name, s in d["splits"].items()
-        }
-        return cls(list(d["classes"]), splits, dict(d.get("formats", {})), d.get("source", ""))
+        try:
+            splits = {
+                name: SplitInfo(files=list(s["files"]), labels=[int(y) for y in s["labels"]])
+                for name, s in d["splits"].items()
+            }
+            manifest = cls(list(d["classes"]), splits, dict(d.get("formats", {})),
+                           d.get("source", ""))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(
+                f"{path}: incomplete manifest ({type(e).__name__}: {e}); {fix}"
+            ) from None
+        for name, split in splits.items():
+            if len(split.files) != len(split.labels):
+                raise ManifestError(f"{path}: split {name!r} lists {len(split.files)} files "
+                                    f"and {len(split.labels)} labels; {fix}")  # fmt: skip
+            bad = [y for y in split.labels if not 0 <= y < manifest.num_classes]
+            if bad:
+                raise ManifestError(
+                    f"{path}: split {name!r} has label {bad[0]}, outside the "
+                    f"{manifest.num_classes} classes it lists; {fix}"
+                )
+        return manifest
 
     def save(self, data_dir: str | os.PathLike) -> Path:
         """Writes ``manifest.json`` atomically (temporary name, fsync, rename)."""
@@ -117,11 +135,18 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
         )
     path = data_dir / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"{path}: no manifest; this folder was not written by convert/")
+        raise ManifestError(
+            f"{path}: no manifest; this folder was not written by convert/ (convert the "
+            f"ImageFolder tree with `python convert/imagenet_to_ffcv.py --src TREE --out "
+            f"{data_dir}`)"
+        )
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: corrupt manifest ({e})") from e
+        raise ManifestError(
+            f"{path}: corrupt manifest ({e}); reconvert with `python convert/imagenet_to_ffcv.py "
+            f"--src TREE --out {data_dir}`"
+        ) from e
     return Manifest.from_json(d, str(path))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -604,3 +605,25 @@ def test_make_digits_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileExistsError, match="not written by make_digits"):
         make_digits.write_digits(tmp_path / "mine")
+
+
+def test_a_hand_edited_or_foreign_manifest_is_an_error_saying_to_reconvert(tmp_path):
+    from convert.manifest import FORMAT, ManifestError, load_manifest
+
+    good = {"format": FORMAT, "classes": ["a", "b"],
+            "splits": {"train": {"files": ["a/1.jpg", "b/2.jpg"], "labels": [0, 1]}}}  # fmt: skip
+    cases = {
+        "fewer classes than the labels": ({**good, "classes": ["a"]}, "label 1, outside the 1"),
+        "no labels": ({**good, "splits": {"train": {"files": []}}}, "incomplete manifest"),
+        "another format": ({**good, "format": "suncet-dataset/0"}, "not a suncet dataset"),
+    }
+    for name, (manifest, says) in cases.items():
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ManifestError, match=says) as err:
+            load_manifest(tmp_path)
+        assert "reconvert" in str(err.value), name
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ManifestError, match="corrupt manifest .*; reconvert with"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(good))
+    assert load_manifest(tmp_path).num_classes == 2
