@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set SECTION.FIELD=VALUE. Tuples take commas: --large-scale 0.08,1.0. "
         "Precedence: defaults < --config preset < flags. --resume reads RUN_DIR/config.json "
         "back; only --epochs, --log-interval, --checkpoint-every, --max-nonfinite, --data, "
-        "--num-workers, --crops and --monitor-every may change on resume.",
+        "--num-workers, --crops and --monitor-every may change on resume (a --config given "
+        "with --resume is only checked against it).",
     )
     p.add_argument(
         "--config", help="preset TOML file (sections data, aug, model, loss, optim, run)"
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline",
         dest="backend",
         metavar="NAME",
-        help="data pipeline: ffcv | dali | synthetic (same as --backend)",
+        help="data pipeline: ffcv | dali | synthetic (config field data.backend)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="overwrite the run already in --out")
@@ -140,6 +141,20 @@ def resolve_config(args: argparse.Namespace) -> rc.TrainConfig:
             f"--resume: {saved_path} not found; no run to resume in {fresh.run.out}"
         )
     saved = rc.load_json(saved_path)
+    if args.config:  # checked, never applied: the run's own config goes on
+        preset = rc.read_preset(args.config)
+        for section, names in preset.items():
+            for name in names if isinstance(names, dict) else ():
+                key = (section, name)
+                if key in RESUMABLE or name in updates.get(section, {}):
+                    continue
+                new, old = (getattr(getattr(c, section), name) for c in (fresh, saved))
+                if new != old:
+                    raise rc.ConfigError(
+                        f"--config {args.config}: sets {section}.{name} = {new!r}, but it is "
+                        f"{old!r} in {saved_path}; a resumed run keeps its config (resume "
+                        "without --config, or start a new run with another --out)"
+                    )
     for section, names in updates.items():
         for name in names:
             new, old = (

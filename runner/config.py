@@ -102,6 +102,12 @@ def coerce(value: typing.Any, kind: typing.Any, option: str) -> typing.Any:
 def apply(cfg: TrainConfig, updates: dict[str, dict[str, typing.Any]], origin: str) -> TrainConfig:
     """Returns cfg with `{section: {field: value}}` applied; unknown names raise ConfigError."""
     for section, values in updates.items():
+        if section not in SECTIONS and not isinstance(values, dict):
+            owner = next((s for s in SECTIONS if section in section_types(section_class(s))), None)
+            where = f"under [{owner}]" if owner else f"under its section ({SECTIONS})"
+            raise ConfigError(
+                f"{origin}: {section} = {values!r} is outside any section; put it {where}"
+            )
         if section not in SECTIONS:
             raise ConfigError(f"{origin}: unknown section [{section}]; sections: {SECTIONS}")
         if not isinstance(values, dict):
@@ -118,7 +124,14 @@ def apply(cfg: TrainConfig, updates: dict[str, dict[str, typing.Any]], origin: s
 
 def load_preset(path: str | Path, cfg: TrainConfig | None = None) -> TrainConfig:
     """Reads a preset TOML file (sections data, aug, model, loss, optim, run)."""
+    return apply(cfg or TrainConfig(), read_preset(path), str(path))
+
+
+def read_preset(path: str | Path) -> dict:
+    """A preset file's table, `{section: {field: value}}` as written (not yet checked)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a folder; name a preset TOML file in it")
     if not path.is_file():
         raise ConfigError(f"--config: preset {path} does not exist")
     with open(path, "rb") as f:
@@ -126,7 +139,7 @@ def load_preset(path: str | Path, cfg: TrainConfig | None = None) -> TrainConfig
             table = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config: {path} is not valid TOML ({e})") from e
-    return apply(cfg or TrainConfig(), table, str(path))
+    return table
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -147,3 +147,17 @@ def test_resume_with_another_epochs_names_the_lr_jump(tmp_path, caplog):
     ) in caplog.text
     assert load_train().main(["--out", str(out), "--resume", "--epochs", "3"]) == 0
     assert "--epochs 3: the checkpoint is at epoch 4; nothing left to train" in caplog.text
+
+
+def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1") == 0
+    other, same = tmp_path / "other.toml", tmp_path / "same.toml"
+    other.write_text('[model]\narch = "resnet34"\n')
+    same.write_text('[model]\narch = "resnet18"\n[run]\nepochs = 9\n')  # epochs: resumable
+    resume = ["--out", str(out), "--resume"]
+    assert load_train().main([*resume, "--config", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {other}: sets model.arch = 'resnet34', but it is 'resnet18'" in err
+    assert load_train().main([*resume, "--config", str(same), "--epochs", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["run"]["epochs"] == 2  # not the preset's

@@ -62,6 +62,16 @@ def test_unknown_preset_option_is_named(tmp_path):
         rc.load_preset(bad)
 
 
+def test_a_preset_key_outside_its_section_or_a_folder_is_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = 16\n[model]\narch = 'resnet18'\n")
+    with pytest.raises(rc.ConfigError, match=r"batch_size = 16 is outside any section; put it "
+                       r"under \[data\]"):  # fmt: skip
+        rc.load_preset(bad)
+    with pytest.raises(rc.ConfigError, match="is a folder; name a preset TOML file"):
+        rc.load_preset(tmp_path)
+
+
 @pytest.mark.parametrize(
     "flags, option",
     [
