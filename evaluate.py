@@ -44,6 +44,19 @@ def load_run(checkpoint: str | Path, device: str = "cpu"):
     return cfg, model.to(device), state
 
 
+def data_folder(args: argparse.Namespace, cfg) -> str:
+    """--data, or the run's data.data (which may be relative to where train.py ran)."""
+    if args.data:
+        return args.data
+    data = cfg.data.data
+    if not Path(data).is_absolute() and not Path(data).is_dir():
+        raise ValueError(
+            f"the run's dataset folder {data!r} is relative to where train.py ran and is not "
+            f"below {Path.cwd()}; pass --data DIR (or run from that folder)"
+        )
+    return data
+
+
 def labeled_indices(cfg, checkpoint: str | Path, data_dir: str, spec: str | None) -> np.ndarray:
     """The labeled split: `spec` if given, else the run folder's saved split."""
     from convert.manifest import load_manifest
@@ -129,7 +142,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     # 1. The run: config, weights, labeled split.
     cfg, model, state = load_run(args.checkpoint, args.device)
-    data_dir = args.data or cfg.data.data
+    data_dir = data_folder(args, cfg)
     labeled = labeled_indices(cfg, args.checkpoint, data_dir, args.labels)
 
     # 2. Centre crops of the labeled training images (the bank) and of every val image.

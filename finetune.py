@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluate import check_common, common_parser, labeled_indices, load_run, out_path, write_json
+from evaluate import (
+    check_common,
+    common_parser,
+    data_folder,
+    labeled_indices,
+    load_run,
+    out_path,
+    write_json,
+)
 
 log = logging.getLogger("finetune")
 
@@ -132,7 +140,7 @@ def finetune(args: argparse.Namespace) -> dict:
     # 1. The run, its labeled split, and a new classifier on its backbone.
     torch.manual_seed(args.seed)
     cfg, model, state = load_run(args.checkpoint, args.device)
-    data_dir = args.data or cfg.data.data
+    data_dir = data_folder(args, cfg)
     labeled = labeled_indices(cfg, args.checkpoint, data_dir, args.labels)
     num_classes = load_manifest(data_dir).num_classes
     clf = Classifier(model.backbone, model.feature_dim, num_classes).to(args.device)

@@ -236,3 +236,16 @@ def test_monitor_returns_snn_and_knn_metrics(tiny_run, cifar_dataset):
     assert model.training  # put back in the mode it was in
     assert monitor.val_loader.num_samples == 50
     assert np.bincount(monitor.val_loader.labels.numpy()).tolist() == [5] * 10
+
+
+def test_a_relative_dataset_folder_of_the_run_asks_for_data(tmp_path, monkeypatch):
+    import argparse
+
+    evaluate = load_script("evaluate")
+    cfg = tiny_config(Path("data/cifar10"))  # as train.py stores a relative --data
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="relative to where train.py ran .* pass --data DIR"):
+        evaluate.data_folder(argparse.Namespace(data=None), cfg)
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)  # run from the run's own folder
+    assert evaluate.data_folder(argparse.Namespace(data=None), cfg) == "data/cifar10"
+    assert evaluate.data_folder(argparse.Namespace(data="/d"), cfg) == "/d"
