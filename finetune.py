@@ -127,7 +127,11 @@ def train(model: nn.Module, loader, epochs: int, args: argparse.Namespace, val=N
             )
         if val is not None and args.eval_every and (epoch + 1) % args.eval_every == 0:
             rec.update({f"val_{k}": v for k, v in accuracy(model, val).items()})
-        shown = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch")
+        shown = " ".join(
+            f"{k} {v:.4f}" if k == "loss" else f"{k} {v:.2f}"
+            for k, v in rec.items()
+            if k != "epoch"
+        )
         log.info("ep %d | %s", epoch, shown)
         history.append(rec)
     return history

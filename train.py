@@ -496,6 +496,12 @@ def setup(args: argparse.Namespace):
     pipeline = build_data(cfg, info, labels)
     global_batch = cfg.data.batch_size * world
     schedule = lr_schedule(cfg.optim, len(pipeline), cfg.run.epochs, global_batch)
+    if cfg.optim.warmup_epochs >= cfg.run.epochs:
+        log.warning(
+            "--warmup-epochs %g >= --epochs %d: the LR rises for the whole run and never "
+            "decays (its peak, %.4g, is the last step's)",
+            cfg.optim.warmup_epochs, cfg.run.epochs, schedule[-1],
+        )  # fmt: skip
     monitor = None if args.benchmark is not None else build_monitor(cfg, info, labels)
     state = None
     if args.resume and (run_dir / ckpt.LATEST).is_file():

@@ -267,3 +267,11 @@ def test_train_runs_end_to_end_on_real_ffcv_data(cifar_dataset, tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs and all(r["l_unsup"] > 0 and r["l_sup"] >= 0 for r in recs)
     assert (out / "labels.txt").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
+    assert run_main(tmp_path / "a", "--epochs", "1") == 0  # TINY warms up for 1 epoch
+    assert "--warmup-epochs 1 >= --epochs 1: the LR rises for the whole run" in caplog.text
+    caplog.clear()
+    assert run_main(tmp_path / "b", "--epochs", "2") == 0
+    assert "--warmup-epochs" not in caplog.text
