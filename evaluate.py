@@ -155,6 +155,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     embeddings = EMBEDDINGS if args.embedding == "all" else (args.embedding,)
     nb = NeighbourConfig(args.snn_temperature, args.knn_k, args.knn_temperature)
     num_classes = load_manifest(data_dir).num_classes
+    bank_classes = int(torch.unique(bank.labels).numel())
+    if bank_classes < num_classes:
+        log.warning(
+            "the labeled bank holds %d of the %d classes: val images of the others are never "
+            "right, and top-5 fills up with classes of score 0 in class-id order",
+            bank_classes, num_classes,
+        )  # fmt: skip
     results = {
         name: neighbour_accuracy(
             val.get(name), val.labels, bank.get(name), bank.labels, num_classes, methods, nb
@@ -168,6 +175,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "data": str(data_dir),
         "labels": args.labels or SPLIT_FILE,
         "n_labeled": len(labeled),
+        "bank_classes": bank_classes,
         "n_val": len(val.labels),
         "eval_size": cfg.aug.eval_size,
         "eval_resize": cfg.aug.eval_resize,

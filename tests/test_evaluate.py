@@ -120,6 +120,7 @@ def test_evaluate_command_writes_snn_and_knn_top1_top5(tiny_run, cifar_dataset, 
     record = json.loads(out.read_text())
     assert record["n_labeled"] == 60 and record["n_val"] == 100  # 10% of 10 x 60; 10 x 10
     assert record["epoch"] == 1 and record["data"] == str(cifar_dataset)
+    assert record["bank_classes"] == 10
     for name in ("backbone", "head"):
         accs = record["results"][name]
         assert set(accs) == {"snn_top1", "snn_top5", "knn_top1", "knn_top5"}
@@ -249,3 +250,16 @@ def test_a_relative_dataset_folder_of_the_run_asks_for_data(tmp_path, monkeypatc
     (tmp_path / "data" / "cifar10").mkdir(parents=True)  # run from the run's own folder
     assert evaluate.data_folder(argparse.Namespace(data=None), cfg) == "data/cifar10"
     assert evaluate.data_folder(argparse.Namespace(data="/d"), cfg) == "/d"
+
+
+def test_a_bank_missing_classes_is_warned_about(tiny_run, cifar_dataset, tmp_path, caplog):
+    from convert.manifest import load_manifest
+
+    train = load_manifest(cifar_dataset).splits["train"]
+    two = [f for f, y in zip(train.files, train.labels, strict=True) if y < 2][::10]
+    (tmp_path / "two.txt").write_text("".join(f + "\n" for f in two))
+    out = tmp_path / "eval.json"
+    args = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--labels", str(tmp_path / "two.txt")]
+    assert load_script("evaluate").main([*args, "--out", str(out), "--method", "knn"]) == 0
+    assert json.loads(out.read_text())["bank_classes"] == 2
+    assert "the labeled bank holds 2 of the 10 classes" in caplog.text
