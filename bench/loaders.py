@@ -160,12 +160,14 @@ class FFCVPerViewSource(Source):
     """(b): stock FFCV, one image pipeline (and one JPEG decode) per view."""
 
     def __init__(self, data_dir: Path, data, aug, on_cpu: bool):
+        # First: importing FFCV sets torch's thread count to 1 for the whole process
+        # (ffcv/pipeline/compiler.py at import); pipelines.ffcv_ops imports it and restores it.
+        from pipelines.ffcv_ops import leave_torch_threads_alone  # isort: skip
+
         from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToTensor
-
-        from pipelines.ffcv_ops import leave_torch_threads_alone
 
         leave_torch_threads_alone()
         self.sizes = [aug.large_size] * aug.n_large + [aug.small_size] * aug.n_small
@@ -276,7 +278,16 @@ class PipelineSource(Source):
 
 
 def measure(source: Source, seconds: float, warm: int) -> float:
-    """Steady-state source images/s: epochs restart; their first `warm` batches are untimed."""
+    """Steady-state source images/s: epochs restart; their first `warm` batches are untimed.
+
+    Every source runs with torch's `WORKERS` threads (the torch augmentation of (b) and (c)
+    on the CPU uses them): a source that changed the count for the process stops the bench.
+    """
+    if torch.get_num_threads() != WORKERS:
+        raise RuntimeError(
+            f"{source.name}: torch runs {torch.get_num_threads()} thread(s), not {WORKERS}; "
+            "something changed the process's count (FFCV does at import)"
+        )
     images, timed = 0, 0.0
     while timed < seconds:
         it = source.epoch()

@@ -52,3 +52,32 @@ def test_report_judges_the_goals_on_paired_ratios():
     assert lines["first"]["ratio"] == "3.0 s" and lines["first"]["met"]
     assert lines["first x3"]["ratio"] == "11.5 s (launches 9.0-13.0 s)"  # the median launch
     assert lines["first x3"]["met"]
+
+
+def test_importing_ffcv_the_baseline_way_leaves_torch_threads_and_measure_checks_them():
+    """FFCV sets torch's thread count to 1 at import: the per-view baseline imported it first
+    and every later torch augmentation in the bench ran on one thread (a third slower)."""
+    import subprocess
+
+    code = (
+        "import torch; torch.set_num_threads(2); import bench.loaders as L\n"
+        "from pathlib import Path\n"
+        "try:\n    L.FFCVPerViewSource(Path('/nonexistent'), None, None, False)\n"
+        "except Exception:\n    pass\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "2", out.stderr
+
+    import pytest
+    import torch
+
+    from bench.loaders import WORKERS, Source, measure
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WORKERS + 1)
+    try:
+        with pytest.raises(RuntimeError, match=f"torch runs {WORKERS + 1} thread"):
+            measure(Source(), 1.0, 0)
+    finally:
+        torch.set_num_threads(threads)
