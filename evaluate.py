@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -112,8 +113,8 @@ def check_common(args: argparse.Namespace, out: Path) -> str | None:
 
 def check_args(args: argparse.Namespace, out: Path) -> str | None:
     """The first problem with evaluate.py's options, or None."""
-    if args.snn_temperature <= 0 or args.knn_temperature <= 0:
-        return "--snn-temperature and --knn-temperature must be > 0"
+    if not all(0 < t < math.inf for t in (args.snn_temperature, args.knn_temperature)):
+        return "--snn-temperature and --knn-temperature must be finite and > 0"
     if args.knn_k < 1:
         return f"--knn-k: must be >= 1, got {args.knn_k}"
     return check_common(args, out)

@@ -58,11 +58,11 @@ def check_args(args: argparse.Namespace, out: Path) -> str | None:
     """The first problem with finetune.py's options, or None."""
     if args.epochs < 1:
         return f"--epochs: must be >= 1, got {args.epochs}"
-    if args.lr <= 0:
-        return f"--lr: must be > 0, got {args.lr}"
+    if not 0 < args.lr < math.inf:
+        return f"--lr: must be finite and > 0, got {args.lr}"
     if not 0 <= args.momentum < 1:
         return f"--momentum: must be in [0, 1), got {args.momentum}"
-    if args.weight_decay < 0 or args.eval_every < 0:
+    if not 0 <= args.weight_decay < math.inf or args.eval_every < 0:
         return "--weight-decay and --eval-every must be >= 0"
     return check_common(args, out)
 
@@ -134,6 +134,12 @@ def train(model: nn.Module, loader, epochs: int, args: argparse.Namespace, val=N
         )
         log.info("ep %d | %s", epoch, shown)
         history.append(rec)
+    first, last = history[0]["loss"], history[-1]["loss"]
+    if len(history) > 1 and last > 10 * first:
+        log.warning(
+            "the fine-tuning loss grew from %.4g to %.4g: it diverged (the results are not "
+            "to be trusted); lower --lr (now %g)", first, last, args.lr,
+        )  # fmt: skip
     return history
 
 

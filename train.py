@@ -153,7 +153,8 @@ def resolve_config(args: argparse.Namespace) -> rc.TrainConfig:
                     raise rc.ConfigError(
                         f"--config {args.config}: sets {section}.{name} = {new!r}, but it is "
                         f"{old!r} in {saved_path}; a resumed run keeps its config (resume "
-                        "without --config, or start a new run with another --out)"
+                        "without --config, repeat the run's own flags after it, or start a "
+                        "new run with another --out)"
                     )
     for section, names in updates.items():
         for name in names:
@@ -283,8 +284,9 @@ def start_run_files(run_dir: Path, args: argparse.Namespace, info: DistInfo) -> 
         if args.force and not args.resume:
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
-            for old in run_dir.glob("checkpoint*.pt"):
-                old.unlink()
+            for pattern in ("checkpoint*.pt", "eval-*.json", "finetune-*.json"):
+                for old in run_dir.glob(pattern):  # the old run's checkpoints and results
+                    old.unlink()
         file = logging.FileHandler(run_dir / "train.log")
         add_handler(file, "%(asctime)s %(message)s", "%X")
         for early in [h for h in logging.getLogger().handlers if isinstance(h, MemoryHandler)]:
@@ -449,9 +451,7 @@ def warn_schedule_change(
     step, epoch = int(state["step"]), int(state["epoch"])
     if before == cfg.run.epochs or epoch == 0:
         return
-    if epoch >= cfg.run.epochs:
-        log.warning("--epochs %d: the checkpoint is at epoch %d; nothing left to train",
-                    cfg.run.epochs, epoch)  # fmt: skip
+    if epoch >= cfg.run.epochs:  # nothing to train: setup says so
         return
     old = lr_schedule(cfg.optim, step // epoch, before, cfg.data.batch_size * world)
     was = f"{old[step]:.4g}" if step < len(old) else f"none (it ended at {old[-1]:.4g})"
@@ -507,7 +507,8 @@ def setup(args: argparse.Namespace):
     if args.resume and (run_dir / ckpt.LATEST).is_file():
         state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
         check_resume_steps(state, run_dir / ckpt.LATEST, len(pipeline), world)
-    if args.benchmark is None:  # only now: a failed start leaves the folder as it was
+    finished = state is not None and int(state["epoch"]) >= cfg.run.epochs
+    if args.benchmark is None and not finished:  # only now: a failed start changes nothing
         start_run_files(run_dir, args, info)
         if info.is_main:
             rc.save_json(cfg, run_dir / CONFIG_JSON)
@@ -524,6 +525,11 @@ def setup(args: argparse.Namespace):
 
     # 5. Resume at the last epoch boundary: every rank loads the same checkpoint.
     start_epoch = 0
+    if finished:  # the folder is left as it was
+        log.warning(
+            "the run in %s is at epoch %d of %d: nothing left to train (pass a larger "
+            "--epochs to extend it)", run_dir, int(state["epoch"]), cfg.run.epochs,
+        )  # fmt: skip
     if state is not None:
         warn_schedule_change(state, cfg, schedule, world)
         start_epoch = trainer.resume_from(state)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 TRAIN = "train"
 STANDARD_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
 _FRACTION = re.compile(r"^(\d+(?:\.\d+)?)(?:pct|%)$")
-_IMAGENET_NAME = re.compile(r"^n\d{8}_\d+\.JPEG$")  # ImageNet's train files: n01440764_10026.JPEG
+_WNID = re.compile(r"^n\d{8}$")  # ImageNet's class folders (WordNet ids): n01440764
 
 
 class SplitError(ValueError):
@@ -188,10 +188,9 @@ def resolve_split(
 
 
 def looks_like_imagenet(manifest: Manifest) -> bool:
-    """Whether the train files carry ImageNet's names (its standard split files apply)."""
-    files = _train(manifest).files[:100]
-    named = sum(bool(_IMAGENET_NAME.match(os.path.basename(f))) for f in files)
-    return named > len(files) / 2
+    """Whether the classes are ImageNet's (WordNet ids): its standard split files apply."""
+    classes = manifest.classes
+    return bool(classes) and all(_WNID.match(c) for c in classes)
 
 
 def write_split(path: str | os.PathLike, manifest: Manifest, indices: np.ndarray) -> Path:

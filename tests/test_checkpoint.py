@@ -145,8 +145,10 @@ def test_resume_with_another_epochs_names_the_lr_jump(tmp_path, caplog):
         f"--epochs 4: the run was set for 2 epochs; its LR schedule is recomputed for 4: step 5 "
         f"gets LR {new[4]:.4g}, where the old schedule gave none (it ended at {old[-1]:.4g})"
     ) in caplog.text
+    config = (out / "config.json").read_bytes()
     assert load_train().main(["--out", str(out), "--resume", "--epochs", "3"]) == 0
-    assert "--epochs 3: the checkpoint is at epoch 4; nothing left to train" in caplog.text
+    assert f"the run in {out} is at epoch 4 of 3: nothing left to train" in caplog.text
+    assert (out / "config.json").read_bytes() == config  # a resume that does nothing writes nothing
 
 
 def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, capsys):

@@ -169,6 +169,8 @@ def test_a_missing_or_unreadable_checkpoint_is_named_by_its_option(tiny_run, tmp
     "script, extra, says",
     [
         ("evaluate", ["--snn-temperature", "0"], "--snn-temperature"),
+        ("evaluate", ["--snn-temperature", "nan"], "--snn-temperature"),
+        ("finetune", ["--lr", "inf"], "--lr"),
         ("evaluate", ["--knn-temperature", "-1"], "--knn-temperature"),
         ("evaluate", ["--knn-k", "0"], "--knn-k"),
         ("evaluate", ["--batch-size", "0"], "--batch-size"),

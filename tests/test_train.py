@@ -144,8 +144,10 @@ def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(
 def test_force_replaces_the_previous_run(tmp_path):
     out = tmp_path / "run"
     assert run_main(out, "--epochs", "1", "--checkpoint-every", "1") == 0
+    (out / "eval-checkpoint.json").write_text("{}")  # results of the old run's checkpoint
     assert run_main(out, "--epochs", "1", "--checkpoint-every", "0", "--force") == 0
     assert not (out / "checkpoint-ep0001.pt").exists()
+    assert not (out / "eval-checkpoint.json").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # 2 steps, not 4
 
 
