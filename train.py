@@ -451,8 +451,6 @@ def warn_schedule_change(
     step, epoch = int(state["step"]), int(state["epoch"])
     if before == cfg.run.epochs or epoch == 0:
         return
-    if epoch >= cfg.run.epochs:  # nothing to train: setup says so
-        return
     old = lr_schedule(cfg.optim, step // epoch, before, cfg.data.batch_size * world)
     was = f"{old[step]:.4g}" if step < len(old) else f"none (it ended at {old[-1]:.4g})"
     log.warning(
@@ -530,8 +528,9 @@ def setup(args: argparse.Namespace):
             "the run in %s is at epoch %d of %d: nothing left to train (pass a larger "
             "--epochs to extend it)", run_dir, int(state["epoch"]), cfg.run.epochs,
         )  # fmt: skip
-    if state is not None:
+    elif state is not None:
         warn_schedule_change(state, cfg, schedule, world)
+    if state is not None:
         start_epoch = trainer.resume_from(state)
         log.info("resumed from %s at epoch %d, step %d", run_dir / ckpt.LATEST, start_epoch,
                  trainer.step)  # fmt: skip
@@ -589,11 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ckpt.CheckpointError, NonFiniteLossError) as e:
             log.error("error: %s", e)
             status = 1
-        except PipelineError as e:  # data damaged after conversion, met in the middle of a run
-            kept = trainer.last_checkpoint or "none"
-            log.error("error: %s; last checkpoint: %s", e, kept)
-            status = 1
-        except OSError as e:  # a full disk or a lost mount while writing metrics or the plot
+        except (PipelineError, OSError) as e:  # data damaged after conversion (met in mid-run),
+            # a full disk or a lost mount while writing metrics or the plot
             kept = trainer.last_checkpoint or "none"
             log.error("error: %s; last checkpoint: %s; fix it and rerun with --resume", e, kept)
             status = 1

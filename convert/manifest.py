@@ -105,10 +105,12 @@ class Manifest:
             if len(split.files) != len(split.labels):
                 raise ManifestError(f"{path}: split {name!r} lists {len(split.files)} files "
                                     f"and {len(split.labels)} labels; {fix}")  # fmt: skip
-            bad = [y for y in split.labels if not 0 <= y < manifest.num_classes]
-            if bad:
+            if split.labels and not 0 <= min(split.labels) <= max(split.labels) < (
+                manifest.num_classes
+            ):
+                bad = next(y for y in split.labels if not 0 <= y < manifest.num_classes)
                 raise ManifestError(
-                    f"{path}: split {name!r} has label {bad[0]}, outside the "
+                    f"{path}: split {name!r} has label {bad}, outside the "
                     f"{manifest.num_classes} classes it lists; {fix}"
                 )
         return manifest

@@ -91,8 +91,8 @@ class NTXentLoss(nn.Module):
         n_pos = V - 1
         if self.n_large is not None and self.n_large < V:
             with_large = (a_view < self.n_large)[:, None] | (k_view < self.n_large)[None, :]
-            is_pos = is_pos & with_large  # [VB, VB']: V-1 (large anchors) or n_large per row
-            n_pos = is_pos.sum(dim=1)  # [VB]
+            is_pos = is_pos & with_large  # [VB, VB']
+            n_pos = torch.where(a_view < self.n_large, V - 1, self.n_large)  # [VB]
 
         # 4. Log-softmax over all keys but self, averaged over each anchor's positives.
         logits = logits.masked_fill(is_self, NEG_INF)  # [VB, VB']

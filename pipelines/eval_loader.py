@@ -37,7 +37,6 @@ from pipelines.ffcv_ops import (
     cached_os_reader,
     check_rows,
     leave_torch_threads_alone,
-    row_indices,
     unpack_rows,
 )
 from pipelines.ffcv_pipeline import check_beton
@@ -245,8 +244,7 @@ class FinetuneLoader(_SplitLoader):
         for (rows,) in self.loader:
             flat = self.upload(rows)  # [B, T] uint8
             (crops,), _ = unpack_rows(flat, self.decoder, [1])  # [B, S, S, 3]
-            check_rows(rows, self.decoder, self.beton, self.files)
-            index = row_indices(rows, self.decoder)  # [B], read on the host: no device sync
+            index = check_rows(rows, self.decoder, self.beton, self.files)  # [B], on the host
             x = random_flip(crops.float().mul_(1 / 255), 0.5, g)  # [B, S, S, 3]
             x = normalize(x, self.aug.mean, self.aug.std, self.dtype)  # [B, 3, S, S]
             yield self._batch(x, index.clone())  # rows is FFCV's buffer, reused

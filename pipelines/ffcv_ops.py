@@ -448,9 +448,10 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         return decode
 
 
-def check_rows(rows: torch.Tensor, decoder: MultiCropDecoder, beton: Path, files) -> None:
-    """Raises `PipelineError` naming the first sample of host `rows` whose JPEG the kernel
-    could not decode (damaged after conversion; its views would be garbage otherwise)."""
+def check_rows(rows: torch.Tensor, decoder: MultiCropDecoder, beton: Path, files) -> torch.Tensor:
+    """The sample indices ``[B]`` of host `rows` (`row_indices`); raises `PipelineError`
+    naming the first sample whose JPEG the kernel could not decode (damaged after
+    conversion; its views would be garbage otherwise)."""
     index = row_indices(rows, decoder)  # [B]; the top bit marks a failed decode
     if bool((index < 0).any()):
         sample = int(index[index < 0][0]) & ((1 << 63) - 1)
@@ -458,6 +459,7 @@ def check_rows(rows: torch.Tensor, decoder: MultiCropDecoder, beton: Path, files
             f"{beton}: sample {sample} ({files[sample]}): its JPEG does not decode (the file "
             "was damaged after conversion); reconvert the dataset"
         )
+    return index
 
 
 def row_indices(flat: torch.Tensor, decoder: MultiCropDecoder) -> torch.Tensor:

@@ -151,8 +151,9 @@ class NormStats:
     A forward updates `running_mean` / `running_var` before the loss is known. A step skipped
     for a non-finite loss must leave them as they were: an inf or NaN there stays for good,
     and every eval-mode use (the monitor, evaluate.py, finetune.py) would read it. `save`
-    before the forward, `keep_where(finite)` after it: a few kernels on the device, no host
-    read (the flag is the same on every rank, so the ranks' statistics stay equal).
+    before the forward, `keep_where(finite)` after the backward: a few kernels on the device,
+    no host read (the flag is the same on every rank, so the ranks' statistics stay equal).
+    Where the host reads the flag at once (a CPU), only a skipped step calls `keep_where`.
     """
 
     def __init__(self, model: nn.Module):
@@ -296,10 +297,10 @@ class Trainer:
         else:
             losses.total.backward()
             self.optimizer.step(finite=finite)
-        self.norm_stats.keep_where(finite)  # after backward, which reads the running stats
         self.stats.add(losses, finite)
-        if self.stats.lag == 0:
+        if self.stats.lag == 0:  # read already: finite, nothing to restore
             return True
+        self.norm_stats.keep_where(finite)  # after backward, which reads the running stats
         self.resolve_flags()  # earlier steps' flags, while the GPU runs this one
         return None
 

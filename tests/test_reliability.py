@@ -172,7 +172,9 @@ def test_a_jpeg_damaged_inside_a_beton_stops_every_ffcv_reader_naming_it(
     out = tmp_path / "run"
     assert train_real(data, out, "--labels", str(labels), "--batch-size", "32") == 1
     line = one_error_line(capsys.readouterr().out)  # the log (stdout) says it
-    assert damaged in line and line.endswith("last checkpoint: none")
+    assert damaged in line and line.endswith(
+        "last checkpoint: none; fix it and rerun with --resume"
+    )
 
 
 def test_converter_import_leaves_torch_threads_alone():
