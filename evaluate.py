@@ -74,6 +74,17 @@ def labeled_indices(cfg, checkpoint: str | Path, data_dir: str, spec: str | None
     return resolve_split(manifest, spec, seed=seed, data_dir=data_dir, split_file=split_file)
 
 
+def count_classes(labels, num_classes: int, what: str) -> int:
+    """How many of `num_classes` the labeled split holds; warns when some are missing."""
+    held = int(np.unique(np.asarray(labels)).size)
+    if held < num_classes:
+        log.warning(
+            "the labeled split holds %d of the %d classes: val images of the others are "
+            "never right (%s)", held, num_classes, what,
+        )  # fmt: skip
+    return held
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     """The options evaluate.py and finetune.py share."""
     p = argparse.ArgumentParser(
@@ -156,12 +167,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     embeddings = EMBEDDINGS if args.embedding == "all" else (args.embedding,)
     nb = NeighbourConfig(args.snn_temperature, args.knn_k, args.knn_temperature)
     num_classes = load_manifest(data_dir).num_classes
-    bank_classes = int(torch.unique(bank.labels).numel())
-    if bank_classes < num_classes:
+    filler = "top-5 fills up with classes of score 0 in class-id order"
+    bank_classes = count_classes(bank.labels.cpu().numpy(), num_classes, filler)
+    if nb.knn_k > len(bank.labels) and "knn" in methods:
         log.warning(
-            "the labeled bank holds %d of the %d classes: val images of the others are never "
-            "right, and top-5 fills up with classes of score 0 in class-id order",
-            bank_classes, num_classes,
+            "--knn-k %d: the bank holds %d images; kNN votes with all of them",
+            nb.knn_k, len(bank.labels),
         )  # fmt: skip
     results = {
         name: neighbour_accuracy(

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,12 +27,14 @@ from torch import nn
 from evaluate import (
     check_common,
     common_parser,
+    count_classes,
     data_folder,
     labeled_indices,
     load_run,
     out_path,
     write_json,
 )
+from runner.metrics import count
 
 log = logging.getLogger("finetune")
 
@@ -152,7 +155,11 @@ def finetune(args: argparse.Namespace) -> dict:
     cfg, model, state = load_run(args.checkpoint, args.device)
     data_dir = data_folder(args, cfg)
     labeled = labeled_indices(cfg, args.checkpoint, data_dir, args.labels)
-    num_classes = load_manifest(data_dir).num_classes
+    manifest = load_manifest(data_dir)
+    num_classes = manifest.num_classes
+    train_labels = np.asarray(manifest.splits["train"].labels)
+    unseen = "the new head is never trained on them"
+    held = count_classes(train_labels[labeled], num_classes, unseen)
     clf = Classifier(model.backbone, model.feature_dim, num_classes).to(args.device)
     if cfg.model.channels_last:
         clf = clf.to(memory_format=torch.channels_last)
@@ -174,6 +181,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "data": str(data_dir),
         "labels": args.labels or "labels.txt",
         "n_labeled": len(labeled),
+        "labeled_classes": held,
         "n_val": val_loader.num_samples,
         "epochs": args.epochs,
         "lr": args.lr,
@@ -208,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     fit, val = record["labeled"], record["val"]
-    print(f"fine-tuned {args.epochs} epochs on {record['n_labeled']} labeled images")
+    epochs = count(args.epochs, "epoch")
+    print(f"fine-tuned {epochs} on {record['n_labeled']} labeled images")
     print(f"labeled (fit) | top1 {fit['top1']:.2f}  top5 {fit['top5']:.2f}")
     print(f"val           | top1 {val['top1']:.2f}  top5 {val['top5']:.2f}")
     print(f"results: {write_json(record, out)}")

@@ -125,8 +125,16 @@ def explicit_updates(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     return out
 
 
-def resolve_config(args: argparse.Namespace) -> rc.TrainConfig:
-    """defaults < preset < flags; with --resume, the run folder's config (+ RESUMABLE flags)."""
+def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> rc.TrainConfig:
+    """defaults < preset < flags; with --resume, the run folder's config (+ RESUMABLE flags).
+
+    On --resume, a preset's RESUMABLE field that differs from the run's is not applied; a line
+    for each goes to `notes`, for the log."""
+    if args.resume and args.force:
+        raise rc.ConfigError(
+            "--resume and --force: choose one (--resume continues the run in --out, --force "
+            "deletes it and starts over)"
+        )
     updates = explicit_updates(args)
     fresh = rc.TrainConfig()
     if args.config:
@@ -146,10 +154,16 @@ def resolve_config(args: argparse.Namespace) -> rc.TrainConfig:
         for section, names in preset.items():
             for name in names if isinstance(names, dict) else ():
                 key = (section, name)
-                if key in RESUMABLE or name in updates.get(section, {}):
+                if name in updates.get(section, {}):
                     continue
                 new, old = (getattr(getattr(c, section), name) for c in (fresh, saved))
-                if new != old:
+                if key in RESUMABLE and new != old and notes is not None:
+                    flag = "--" + name.replace("_", "-")
+                    notes.append(
+                        f"--config {args.config}: its {section}.{name} = {new!r} is not "
+                        f"applied on --resume (the run keeps {old!r}); pass {flag} to change it"
+                    )
+                elif key not in RESUMABLE and new != old:
                     raise rc.ConfigError(
                         f"--config {args.config}: sets {section}.{name} = {new!r}, but it is "
                         f"{old!r} in {saved_path}; a resumed run keeps its config (resume "
@@ -454,9 +468,10 @@ def warn_schedule_change(
     old = lr_schedule(cfg.optim, step // epoch, before, cfg.data.batch_size * world)
     was = f"{old[step]:.4g}" if step < len(old) else f"none (it ended at {old[-1]:.4g})"
     log.warning(
-        "--epochs %d: the run was set for %d epochs; its LR schedule is recomputed for %d: "
+        "--epochs %d: the run was set for %s; its LR schedule is recomputed for %d: "
         "step %d gets LR %.4g, where the old schedule gave %s",
-        cfg.run.epochs, before, cfg.run.epochs, step + 1, schedule[step], was,
+        cfg.run.epochs, metrics.count(before, "epoch"), cfg.run.epochs, step + 1,
+        schedule[step], was,
     )  # fmt: skip
 
 
@@ -469,7 +484,8 @@ def setup(args: argparse.Namespace):
     from runner.loop import Trainer
 
     # 1. Config: preset < flags (or the run folder's, on --resume); reject impossible settings.
-    cfg = resolve_config(args)
+    notes: list[str] = []
+    cfg = resolve_config(args, notes)
     _, world, _ = env_world()
     rc.validate(cfg, torch.cuda.is_available(), world)
 
@@ -477,6 +493,8 @@ def setup(args: argparse.Namespace):
     info = init_distributed(cfg.run.device)
     setup_logging(info)
     run_dir = prepare_run_dir(cfg, args, info)
+    for note in notes:
+        log.warning(note)
 
     # 3. The labeled split: checked against C x K before any work, kept in the run folder.
     #    The data files must be the ones the converter wrote (none missing, truncated, swapped).

@@ -24,6 +24,11 @@ def fmt_num(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def count(n: int, noun: str) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_line(rec: dict) -> str:
     """`step 1200 ep 3 | l_unsup 5.12 l_sup 2.31 | lr 4.80e-01 | 11850 img/s | data-wait 3%`.
 

@@ -151,7 +151,7 @@ def test_resume_with_another_epochs_names_the_lr_jump(tmp_path, caplog):
     assert (out / "config.json").read_bytes() == config  # a resume that does nothing writes nothing
 
 
-def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, capsys):
+def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     assert run_main(out, "--epochs", "1") == 0
     other, same = tmp_path / "other.toml", tmp_path / "same.toml"
@@ -163,3 +163,11 @@ def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, c
     assert f"--config {other}: sets model.arch = 'resnet34', but it is 'resnet18'" in err
     assert load_train().main([*resume, "--config", str(same), "--epochs", "2"]) == 0
     assert json.loads((out / "config.json").read_text())["run"]["epochs"] == 2  # not the preset's
+    caplog.clear()
+    assert load_train().main([*resume, "--config", str(same)]) == 0  # a finished run
+    assert (
+        f"--config {same}: its run.epochs = 9 is not applied on --resume (the run keeps 2); "
+        "pass --epochs to change it"
+    ) in caplog.text
+    assert load_train().main([*resume, "--force"]) == 2
+    assert "--resume and --force: choose one" in capsys.readouterr().err

@@ -254,7 +254,7 @@ def test_a_relative_dataset_folder_of_the_run_asks_for_data(tmp_path, monkeypatc
     assert evaluate.data_folder(argparse.Namespace(data="/d"), cfg) == "/d"
 
 
-def test_a_bank_missing_classes_is_warned_about(tiny_run, cifar_dataset, tmp_path, caplog):
+def test_a_split_missing_classes_is_warned_about(tiny_run, cifar_dataset, tmp_path, caplog):
     from convert.manifest import load_manifest
 
     train = load_manifest(cifar_dataset).splits["train"]
@@ -262,6 +262,16 @@ def test_a_bank_missing_classes_is_warned_about(tiny_run, cifar_dataset, tmp_pat
     (tmp_path / "two.txt").write_text("".join(f + "\n" for f in two))
     out = tmp_path / "eval.json"
     args = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--labels", str(tmp_path / "two.txt")]
-    assert load_script("evaluate").main([*args, "--out", str(out), "--method", "knn"]) == 0
+    knn = ["--method", "knn", "--knn-k", str(len(two) + 1)]
+    assert load_script("evaluate").main([*args, "--out", str(out), *knn]) == 0
     assert json.loads(out.read_text())["bank_classes"] == 2
-    assert "the labeled bank holds 2 of the 10 classes" in caplog.text
+    assert "the labeled split holds 2 of the 10 classes" in caplog.text
+    assert f"--knn-k {len(two) + 1}: the bank holds {len(two)} images" in caplog.text
+
+    caplog.clear()
+    out = tmp_path / "finetune.json"
+    assert load_script("finetune").main([*args, "--out", str(out), "--epochs", "1"]) == 0
+    assert json.loads(out.read_text())["labeled_classes"] == 2
+    assert "holds 2 of the 10 classes: val images of the others are never right (the new head" in (
+        caplog.text
+    )
