@@ -2,7 +2,7 @@
 
     python train.py --data DIR --labels 1pct|10pct|FILE [--out RUN_DIR]
         [--pipeline ffcv|dali|synthetic] [--device cpu|cuda] [--epochs N]
-        [--config FILE.toml] [--resume] [--force] [--batch-size 64 ...] [--set data.seed=1]
+        [--config FILE.toml] [--resume] [--force] [--batch-size 64 ...] [--set run.seed=1]
         [--benchmark [chosen|all] [--bench-warmup 2] [--bench-steps 10]]
 
 Under torchrun every rank runs this file; rank 0 alone logs, plots and checkpoints. This file

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-
-import tomllib
 
 from model.config import LossConfig, ModelConfig, OptimConfig
 from pipelines.config import CROPS, AugConfig, DataConfig
