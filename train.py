@@ -15,8 +15,10 @@ import argparse
 import fcntl
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import typing
 from dataclasses import dataclass, replace
 from logging.handlers import MemoryHandler
@@ -190,11 +192,13 @@ def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> 
 
 
 def setup_logging(info: DistInfo) -> None:
-    """Rank 0 logs INFO to stdout (and, once the run folder exists, to train.log)."""
+    """Rank 0 logs INFO to stdout (and, once the run folder exists, to train.log); the other
+    ranks log only errors, each line marked with its rank."""
     root = logging.getLogger()
     close_logging()
     root.setLevel(logging.INFO if info.is_main else logging.ERROR)
-    add_handler(logging.StreamHandler(sys.stdout), "%(message)s")
+    fmt = "%(message)s" if info.is_main else f"[rank {info.rank}] %(message)s"
+    add_handler(logging.StreamHandler(sys.stdout), fmt)
 
 
 def add_handler(handler: logging.Handler, fmt: str, datefmt: str | None = None) -> None:
@@ -576,12 +580,41 @@ def benchmark(args: argparse.Namespace, trainer, pipeline, argv: list[str]) -> i
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what torchrun sends the other ranks when one fails, and a scheduler sends on
+    preemption; handled as Ctrl-C is, with its own status (143)."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def stop_line(e: KeyboardInterrupt) -> tuple[str, int]:
+    """How an interruption is named, and the exit status it gives."""
+    return ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
+def report_setup_error(e: Exception) -> None:
+    """One `error:` line on stderr. Under torchrun rank 0 alone reports a config error (every
+    rank checks the same config; the others would repeat it, or say "refused by rank 0");
+    other errors may be a rank's own, so every rank reports them, marked with its rank."""
+    rank, world, _ = env_world()
+    if rank != 0 and isinstance(e, rc.ConfigError):
+        return
+    mark = f"[rank {rank}] " if world > 1 and rank != 0 else ""
+    sys.stderr.write(f"{mark}error: {e}\n")  # one write: ranks' lines do not run together
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the program; returns the exit status (0 done, 1 stopped, 2 bad settings)."""
+    """Runs the program; returns the exit status (0 done, 1 stopped, 2 bad settings, 130
+    interrupted, 143 terminated)."""
     from pipelines.errors import PipelineError
     from runner.loop import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         try:
             from runner.benchmark import check_args
@@ -589,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             check_args(args)
             trainer, pipeline, start_epoch = setup(args)
         except (ValueError, ckpt.CheckpointError) as e:  # Config/Manifest/Pipeline/Split errors
-            print(f"error: {e}", file=sys.stderr)
+            report_setup_error(e)
             return 2
 
         if args.benchmark is not None:
@@ -599,10 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         status = 0
         try:
             trainer.fit(pipeline, start_epoch)
-        except KeyboardInterrupt:
-            kept = trainer.last_checkpoint or "none yet"
-            log.error("interrupted; last checkpoint: %s; rerun with --resume to continue", kept)
-            status = 130
+        except KeyboardInterrupt as e:  # Ctrl-C reaches every rank: rank 0 alone says so
+            what, status = stop_line(e)
+            if trainer.info.is_main:
+                kept = trainer.last_checkpoint or "none yet"
+                log.error("%s; last checkpoint: %s; rerun with --resume to continue", what, kept)
         except (ckpt.CheckpointError, NonFiniteLossError) as e:
             log.error("error: %s", e)
             status = 1
@@ -616,10 +650,14 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.info.is_main:
             print(f"run folder: {trainer.run_dir.resolve()}", flush=True)
         return status
-    except KeyboardInterrupt:  # before training: nothing to keep
-        print("interrupted before the first step", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before training: nothing to keep
+        what, status = stop_line(e)
+        if env_world()[0] == 0:
+            print(f"{what} before the first step", file=sys.stderr)
+        return status
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         unlock_run_dir()
         close_logging()
         cleanup()

@@ -143,15 +143,15 @@ def resolve_split(
         split_file: a split file to use for ``1pct`` / ``10pct``.
     """
     spec = str(spec).strip()
-    if spec in ("all", "100pct", "100%"):
-        return np.arange(_train(manifest).num_samples, dtype=np.int64)
-
-    standard, option = None, "--labels"
     if split_file is not None and spec not in STANDARD_FILES:
         raise SplitError(
             f"--split-file {split_file}: only read for --labels 1pct or 10pct, not {spec!r}; "
             "pass the file as --labels FILE instead"
         )
+    if spec in ("all", "100pct", "100%"):
+        return np.arange(_train(manifest).num_samples, dtype=np.int64)
+
+    standard, option = None, "--labels"
     if spec in STANDARD_FILES:
         if split_file is not None:
             standard, option = Path(split_file), "--split-file"
@@ -168,7 +168,16 @@ def resolve_split(
     match = _FRACTION.match(spec)
     if match:
         fraction = float(match.group(1)) / 100
+        if not 0 < fraction <= 1:
+            raise SplitError(f"--labels {spec}: the fraction must be in (0, 100]%")
         idx = stratified_split(manifest, fraction, seed)
+        n = _train(manifest).num_samples
+        if len(idx) > 1.5 * fraction * n:  # at least one image a class
+            log.warning(
+                "label split %s: a class-stratified draw keeps at least one image a class, so "
+                "it labels %d of the %d images (%.1f%%), not %s",
+                spec, len(idx), n, 100 * len(idx) / n, spec,
+            )  # fmt: skip
         if spec in STANDARD_FILES and looks_like_imagenet(manifest):
             log.warning(
                 "label split %s: no %s in %s and no --split-file, so a seeded class-stratified "

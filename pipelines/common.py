@@ -81,6 +81,13 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, drop_las
             f"batch_size={batch_size} exceeds the {per_rank} images of each rank; "
             "lower --batch-size"
         )
+    tail = per_rank % batch_size
+    if not drop_last and tail and tail * world_size < 2:
+        raise PipelineError(
+            f"--no-drop-last with --batch-size {batch_size}: the last step of each epoch would "
+            f"hold 1 image ({per_rank} = {per_rank // batch_size} x {batch_size} + 1), and "
+            "NT-Xent needs negatives; use --drop-last (the default) or another --batch-size"
+        )
     return steps
 
 

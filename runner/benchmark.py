@@ -50,6 +50,10 @@ BENCH_JSON = "benchmark.json"
 MODES = ("chosen", "all")
 ALL_LOADERS = ("ffcv", "dali", "torchvision")  # torchvision: the baseline in bench/
 DEFAULT_WARMUP, DEFAULT_STEPS = 2, 10
+# A loader row drains what the loader prefetched while it was built (DALI's queue, FFCV's
+# batches ahead) before its clock starts, and times enough batches that a refilled queue does
+# not dominate: with `--bench-warmup 1 --bench-steps 2` a DALI row read 3-4x its true rate.
+LOADER_MIN_WARMUP, LOADER_MIN_STEPS = 4, 10
 GOAL_FULL_OVER_MODEL = 0.95  # on a GPU: data costs at most 5% of the step
 GOAL_OPTIMIZER_SHARE = 0.02  # on a GPU: the LARS step is at most 2% of the step
 
@@ -86,6 +90,12 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
             if value is not None:
                 raise ConfigError(f"{flag}: only has a meaning with --benchmark")
         return DEFAULT_WARMUP, DEFAULT_STEPS
+    for flag in ("resume", "force"):
+        if getattr(args, flag, False):
+            raise ConfigError(
+                f"--benchmark with --{flag}: a benchmark leaves the run in --out as it is (it "
+                "writes only benchmark.json); drop --" + flag
+            )
     warmup = DEFAULT_WARMUP if args.bench_warmup is None else args.bench_warmup
     steps = DEFAULT_STEPS if args.bench_steps is None else args.bench_steps
     if warmup < 0:
@@ -277,19 +287,20 @@ class Bench:
         """Batches only; returns the row and a synthetic copy of the last batch (made before
         the loader may reuse that batch's memory)."""
         it = endless(pipeline, self.epoch)
+        steps = max(self.steps, LOADER_MIN_STEPS)
         try:
-            for _ in range(self.warmup):
+            for _ in range(max(self.warmup, LOADER_MIN_WARMUP)):
                 next(it)
             self.clock.sync()
             scope = reset_peak_memory(self.device)
             start = self.clock.mark()
-            for _ in range(self.steps):
+            for _ in range(steps):
                 batch = next(it)
             seconds = self.clock.seconds(start, self.clock.mark())
             fake = synthetic_like(batch)
         finally:
             it.close()
-        row = Row(name, "loader", self.steps, seconds, host_peak_scope=scope)
+        row = Row(name, "loader", steps, seconds, host_peak_scope=scope)
         return self.fill(row, fake), fake
 
     def train(self, name: str, kind: str, next_batch: Callable[[], Batch]) -> Row:
@@ -396,7 +407,8 @@ def title(trainer: Trainer, warmup: int, steps: int, sup: bool) -> str:
         f"({os.cpu_count()} cores, torch {torch.__version__}) | {d.backend} pipeline, batch "
         f"{d.batch_size} x {info.world_size} rank(s), views {views}, labeled "
         f"{d.classes_per_batch}x{d.images_per_class} x {d.n_supervised_views} view(s), SuNCEt "
-        f"{'on' if sup else 'off'} | {warmup} warm-up + {steps} timed steps per row"
+        f"{'on' if sup else 'off'} | {warmup} warm-up + {steps} timed steps per row (loader "
+        f"rows: {max(warmup, LOADER_MIN_WARMUP)} + {max(steps, LOADER_MIN_STEPS)})"
     )
 
 

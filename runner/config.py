@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, fields, replace
@@ -215,6 +216,11 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
         raise ConfigError(f"--pipeline: unknown pipeline {d.backend!r}; choose from {PIPELINES}")
     if d.crops not in CROPS:
         raise ConfigError(f"--crops: unknown {d.crops!r}; choose from {CROPS}")
+    if d.crops != "auto" and d.backend == "dali":
+        raise ConfigError(
+            f"--crops {d.crops}: chooses where the ffcv pipeline cuts its views; the dali "
+            "pipeline cuts them in its own operators (leave --crops auto)"
+        )
     if r.device not in DEVICES:
         raise ConfigError(f"--device: unknown device {r.device!r}; choose from {DEVICES}")
     if r.device == "cuda" and not cuda_available:
@@ -250,6 +256,7 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
         raise ConfigError("--no-small-pairs: a positive pair needs a large crop; --n-large is 0")
     check_views(a)
     check_model_and_loss(cfg)
+    check_optim(cfg.optim, r.seed)
     for name in ("epochs", "log_interval", "max_nonfinite"):
         if getattr(r, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
@@ -283,6 +290,16 @@ def check_views(a) -> None:
     for name in ("color_p", "gray_p", "blur_p_large", "blur_p_small"):
         if not 0 <= getattr(a, name) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')}: a probability in 0..1")
+    if a.n_large and a.n_small and a.small_size > a.large_size:
+        raise ConfigError(
+            f"--small-size {a.small_size} is above --large-size {a.large_size}: the small crops "
+            "would be the larger ones (large crops come first in every batch)"
+        )
+    if a.eval_size < MIN_CROP or a.eval_resize < a.eval_size:
+        raise ConfigError(
+            f"--eval-size {a.eval_size} / --eval-resize {a.eval_resize}: the centre crop must be "
+            f">= {MIN_CROP} pixels and no larger than the resized shorter side"
+        )
     if a.color_strength < 0:
         raise ConfigError("--color-strength: must be >= 0")
     if min(a.std) <= 0:
@@ -302,8 +319,39 @@ def check_model_and_loss(cfg: TrainConfig) -> None:
         if getattr(m, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
     for name in ("temperature", "sup_temperature"):
-        if getattr(loss, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(loss, name)}")
+        if not 0 < getattr(loss, name) < math.inf:
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: must be finite and > 0, got {getattr(loss, name)}"
+            )
+    if not 0 <= loss.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing: must be in [0, 1), got {loss.label_smoothing}")
+    if not 0 <= loss.sup_weight < math.inf:
+        raise ConfigError(f"--sup-weight: must be finite and >= 0, got {loss.sup_weight}")
+    if loss.supervised_epochs < 0:
+        raise ConfigError(f"--supervised-epochs: must be >= 0, got {loss.supervised_epochs}")
+
+
+def check_optim(o, seed: int) -> None:
+    """The optimizer's and schedule's numbers (named as the flags that set them)."""
+    ranges = {  # name: (low, low included, high, high included)
+        "base_lr": (0, False, math.inf, False),
+        "final_lr": (0, True, math.inf, False),
+        "warmup_epochs": (0, True, math.inf, False),
+        "momentum": (0, True, 1, False),
+        "weight_decay": (0, True, math.inf, False),
+        "trust_coefficient": (0, False, math.inf, False),
+    }
+    for name, (lo, lo_in, hi, hi_in) in ranges.items():
+        v = getattr(o, name)
+        if not ((v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)):
+            left, right = "[" if lo_in else "(", "]" if hi_in else ")"
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: must be in {left}{lo}, {hi}{right}, got {v}"
+            )
+    if o.lr_batch_ref < 1:
+        raise ConfigError(f"--lr-batch-ref: must be >= 1, got {o.lr_batch_ref}")
+    if seed < 0:
+        raise ConfigError(f"--seed: must be >= 0, got {seed}")
 
 
 def check_split(cfg: TrainConfig, n_labeled: int, n_classes: int, world_size: int = 1) -> None:

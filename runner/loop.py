@@ -483,6 +483,7 @@ class Trainer:
                 self.last_checkpoint.name,
             )
         barrier()
+        self.last_checkpoint = self.run_dir / ckpt.LATEST  # every rank can name it in an error
 
     def resume_from(self, state: dict) -> int:
         """Loads a checkpoint into this trainer; returns the epoch to start with."""

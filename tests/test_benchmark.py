@@ -64,6 +64,8 @@ def test_benchmark_json_holds_every_row_config_and_machine(bench_beside_a_run):
     result = json.loads((out / "benchmark.json").read_text())
     check_rows(result, ["synthetic"], "synthetic")
     assert result["config"]["data"]["batch_size"] == 8 and result["timed_steps"] == 2
+    steps = {r["kind"]: r["steps"] for r in result["rows"]}
+    assert steps == {"loader": 10, "model": 2, "full": 2}  # a loader row drains its prefetch
     assert {"device_name", "cpu_cores", "torch"} <= set(result["machine"])
     assert result["command"][:1] == ["train.py"] and "--benchmark" in result["command"]
 
@@ -92,6 +94,9 @@ def test_benchmark_options_are_checked_before_any_work(tmp_path, capsys):
         train.main([*TINY, "--out", str(tmp_path / "a"), "--benchmark", "--bench-steps", "0"]) == 2
     )
     assert "--bench-steps: must be >= 1" in capsys.readouterr().err
+    for flag in ("--resume", "--force"):
+        assert train.main([*TINY, "--out", str(tmp_path / "a"), "--benchmark", flag]) == 2
+        assert f"--benchmark with {flag}: a benchmark leaves the run" in capsys.readouterr().err
     assert train.main([*TINY, "--out", str(tmp_path / "b"), "--bench-warmup", "3"]) == 2
     assert "--bench-warmup: only has a meaning with --benchmark" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

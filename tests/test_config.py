@@ -95,6 +95,18 @@ def test_a_preset_key_outside_its_section_or_a_folder_is_named(tmp_path):
         (["--no-small-pairs", "--n-large", "0", "--n-small", "2"], "--no-small-pairs"),
         (["--arch", "resnet7"], "--arch: unknown 'resnet7'; choose from resnet101"),
         (["--head-layers", "0"], "--head-layers"),
+        (["--temperature", "nan"], "--temperature: must be finite and > 0, got nan"),
+        (["--sup-temperature", "inf"], "--sup-temperature: must be finite and > 0, got inf"),
+        (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1)"),
+        (["--lr-batch-ref", "0"], "--lr-batch-ref: must be >= 1, got 0"),
+        (["--base-lr", "-1"], "--base-lr: must be in (0, inf), got -1.0"),
+        (["--weight-decay", "-1"], "--weight-decay: must be in [0, inf)"),
+        (["--momentum", "2"], "--momentum: must be in [0, 1), got 2.0"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs: must be in [0, inf)"),
+        (["--seed", "-1"], "--seed: must be >= 0, got -1"),
+        (["--pipeline", "dali", "--crops", "host"], "--crops host: chooses where the ffcv"),
+        (["--small-size", "64", "--large-size", "32"], "--small-size 64 is above --large-size 32"),
+        (["--eval-resize", "16", "--eval-size", "32"], "--eval-size 32 / --eval-resize 16"),
     ],
 )
 def test_impossible_settings_fail_before_work_naming_the_option(tmp_path, capsys, flags, option):

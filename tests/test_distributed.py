@@ -378,3 +378,16 @@ def test_ddp_gradients_match_one_process_on_the_double_batch(spawned):
 
 if __name__ == "__main__":
     sys.exit(probe_main(sys.argv[1:]))
+
+
+def test_a_config_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    from test_train import TINY
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), "train.py", *TINY, "--classes-per-batch", "999", "--out",
+           str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if "error: --classes-per-batch 999" in x]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]

@@ -467,3 +467,26 @@ def test_full_disk_stops_the_run_keeping_the_last_checkpoint_and_says_so(
     assert "checkpoint.pt" in errors[0] and ("intact" in errors[0] or "last" in errors[0])
     assert "rerun with --resume" in errors[0]  # what to do
     assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_during_training_names_the_last_checkpoint(tmp_path):
+    """SIGTERM (torchrun stopping the other ranks, a scheduler's preemption) ends the run as
+    Ctrl-C does: one line naming the last checkpoint, status 143, and --resume continues."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, "--epochs", "50", "--out", str(out)]
+    with open(tmp_path / "term.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (out / ckpt.LATEST).is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"run ended first\n{(tmp_path / 'term.log').read_text()}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    printed = (tmp_path / "term.log").read_text()
+    assert f"terminated (SIGTERM); last checkpoint: {out / ckpt.LATEST}; rerun with --resume" in (
+        printed
+    )
+    assert "Traceback" not in printed and f"run folder: {out.resolve()}" in printed
+    assert run_main(out, "--epochs", "2", "--resume") == 0

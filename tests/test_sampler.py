@@ -174,3 +174,14 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
 def test_indices_and_labels_of_different_lengths_are_a_clear_error():
     with pytest.raises(ValueError, match="same length"):
         StratifiedSampler(np.arange(5), np.zeros(4, np.int64), 1, 1)
+
+
+def test_a_last_batch_of_one_image_is_refused_naming_the_option():
+    from pipelines.common import steps_per_epoch
+    from pipelines.errors import PipelineError
+
+    assert steps_per_epoch(601, 40, 1, drop_last=True) == 15
+    assert steps_per_epoch(602, 40, 1, drop_last=False) == 16  # a last batch of 2 is kept
+    assert steps_per_epoch(602, 40, 2, drop_last=False) == 8  # 301 a rank: 1 each, 2 in all
+    with pytest.raises(PipelineError, match=r"^--no-drop-last with --batch-size 40: .* 1 image"):
+        steps_per_epoch(601, 40, 1, drop_last=False)

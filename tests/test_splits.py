@@ -93,17 +93,18 @@ def test_1pct_without_the_standard_file_on_imagenet_warns_that_the_split_is_a_dr
     caplog.set_level(logging.INFO)
     manifest = imagenet_like_manifest(names_1pct[:300], extra_per_class=0)
     idx = resolve_split(manifest, "1pct", seed=0, data_dir=tmp_path)  # no 1percent.txt there
-    warned = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 1 and len(idx) > 0
-    msg = warned[0].getMessage()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    standard = [m for m in warned if "NOT ImageNet's standard" in m]
+    assert len(standard) == 1 and len(idx) > 0
+    msg = standard[0]
     assert "NOT ImageNet's standard 1pct split" in msg and "--split-file PATH/1percent.txt" in msg
     assert str(tmp_path) in msg
 
     caplog.clear()
-    resolve_split(uneven_manifest([50] * 4), "1pct", seed=0)  # CIFAR-like names: a draw is the way
+    resolve_split(uneven_manifest([200] * 4), "1pct", seed=0)  # CIFAR-like names: a draw
     assert [r.levelname for r in caplog.records] == ["INFO"]
     resolve_split(manifest, "2pct", seed=0)  # asked for a draw by name
-    assert "WARNING" not in [r.levelname for r in caplog.records]
+    assert "NOT ImageNet's standard" not in caplog.text
 
 
 def test_stratified_draw_is_deterministic_per_seed():
@@ -153,7 +154,16 @@ def test_split_file_option_is_named_and_never_silently_ignored(tmp_path):
     manifest = uneven_manifest([50] * 4)
     with pytest.raises(SplitError, match=r"^--split-file /nonexist.txt: split file not found"):
         resolve_split(manifest, "1pct", split_file="/nonexist.txt")
-    with pytest.raises(SplitError, match=r"only read for --labels 1pct or 10pct, not '20pct'"):
-        resolve_split(manifest, "20pct", split_file=tmp_path / "1percent.txt")
+    for spec in ("20pct", "all"):
+        with pytest.raises(SplitError, match=rf"only read for --labels 1pct or 10pct, not .{spec}"):
+            resolve_split(manifest, spec, split_file=tmp_path / "1percent.txt")
     with pytest.raises(SplitError, match=r"^--labels /nonexist.txt: split file not found"):
         resolve_split(manifest, "/nonexist.txt")
+
+
+def test_a_draw_that_keeps_far_more_than_its_fraction_says_so(caplog):
+    manifest = uneven_manifest([3] * 10)  # 10pct of 3 images a class: still one of each
+    assert len(resolve_split(manifest, "10pct", seed=0)) == 10
+    assert "so it labels 10 of the 30 images (33.3%), not 10pct" in caplog.text
+    with pytest.raises(SplitError, match=r"^--labels 0pct: the fraction must be in \(0, 100\]%"):
+        resolve_split(manifest, "0pct")
