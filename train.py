@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -44,7 +45,9 @@ log = logging.getLogger("train")
 
 CONFIG_JSON = "config.json"
 SPLIT_FILE = "labels.txt"
-RUN_FILES = (CONFIG_JSON, SPLIT_FILE, "train.log", metrics.METRICS, metrics.CSV, metrics.PLOT)
+DATASET_JSON = "dataset.json"  # which training images the run is on (a resume checks them)
+RUN_FILES = (CONFIG_JSON, SPLIT_FILE, DATASET_JSON, "train.log", metrics.METRICS, metrics.CSV,
+             metrics.PLOT)  # fmt: skip
 # Options a resumed run may change; every other one is read back from the run folder.
 RESUMABLE = {
     ("run", "epochs"), ("run", "log_interval"), ("run", "checkpoint_every"),
@@ -349,6 +352,31 @@ def choose_labels(cfg: rc.TrainConfig, run_dir: Path, resume: bool) -> Labels:
     return Labels(np.asarray(indices, dtype=np.int64), labels_of, manifest)
 
 
+def dataset_identity(labels: Labels) -> dict | None:
+    """The training images' count and a digest of their file names and labels (None without a
+    dataset): the same on a moved copy of the data, another on another dataset."""
+    if labels.manifest is None:
+        return None
+    train = labels.manifest.splits["train"]
+    return {"train_images": train.num_samples, "classes": labels.manifest.num_classes,
+            "train_digest": train.fingerprint()}  # fmt: skip
+
+
+def check_same_dataset(run_dir: Path, labels: Labels, data: str) -> None:
+    """A resume goes on with the images the run started on (a moved copy is fine)."""
+    path = run_dir / DATASET_JSON
+    if not path.is_file():  # a run from before this check, or a synthetic one
+        return
+    was, now = json.loads(path.read_text()), dataset_identity(labels)
+    if now is not None and was != now:
+        raise rc.ConfigError(
+            f"--data {data}: not the dataset the run in {run_dir} started on "
+            f"({now['train_images']} training images in {now['classes']} classes, against "
+            f"{was['train_images']} in {was['classes']}, or other files; see {path}); a resume "
+            "continues on the run's own data (start a new run with another --out)"
+        )
+
+
 def save_labels(labels: Labels, run_dir: Path) -> None:
     path = run_dir / SPLIT_FILE
     if labels.manifest is None:
@@ -503,6 +531,8 @@ def setup(args: argparse.Namespace):
     # 3. The labeled split: checked against C x K before any work, kept in the run folder.
     #    The data files must be the ones the converter wrote (none missing, truncated, swapped).
     labels = choose_labels(cfg, run_dir, args.resume)
+    if args.resume:
+        check_same_dataset(run_dir, labels, cfg.data.data)
     n_classes = len(np.unique(labels.labels_of[labels.indices]))
     rc.check_split(cfg, len(labels.indices), n_classes, world)
     check_monitor(cfg, labels)
@@ -533,6 +563,9 @@ def setup(args: argparse.Namespace):
         if info.is_main:
             rc.save_json(cfg, run_dir / CONFIG_JSON)
             save_labels(labels, run_dir)
+            identity = dataset_identity(labels)
+            if identity is not None:
+                (run_dir / DATASET_JSON).write_text(json.dumps(identity, indent=2) + "\n")
     trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops, monitor)
     log.info(
         "run %s | %s pipeline, %d steps/epoch | %d labeled images, %d classes | global batch "

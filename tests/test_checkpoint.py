@@ -171,3 +171,28 @@ def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, c
     ) in caplog.text
     assert load_train().main([*resume, "--force"]) == 2
     assert "--resume and --force: choose one" in capsys.readouterr().err
+
+
+def test_resume_on_another_dataset_is_refused_and_a_moved_copy_is_not(tmp_path):
+    import numpy as np
+
+    from convert.manifest import Manifest, SplitInfo
+
+    train = load_train()
+
+    def labels_of(files: list[str]):
+        split = SplitInfo(files=files, labels=[i % 2 for i in range(len(files))])
+        return train.Labels(
+            np.arange(2), np.asarray(split.labels), Manifest(["a", "b"], {"train": split})
+        )
+
+    files = [f"{c}/{i}.jpg" for i in range(6) for c in "ab"]
+    (tmp_path / train.DATASET_JSON).write_text(json.dumps(train.dataset_identity(labels_of(files))))
+    train.check_same_dataset(tmp_path, labels_of(list(files)), "/moved/copy")  # the same images
+    other = [*files[:-1], "b/extra.jpg"]  # as many images, one of them another
+    with pytest.raises(
+        ValueError, match=r"^--data /other: not the dataset the run in .* started on"
+    ):
+        train.check_same_dataset(tmp_path, labels_of(other), "/other")
+    with pytest.raises(ValueError, match=r"\(13 training images in 2 classes, against 12 in 2"):
+        train.check_same_dataset(tmp_path, labels_of([*files, "a/x.jpg"]), "/other")

@@ -153,6 +153,8 @@ def test_torchrun_trains_with_ddp_and_rank_0_alone_writes_one_run_folder(runs):
     logged = [line.split(" ", 1)[1] for line in (out / "train.log").read_text().splitlines()]
     assert [line for line in logged if line.startswith("step ")] == first + second
     assert "2 rank(s) on cpu" in runs["first"].stdout
+    identity = json.loads((out / "dataset.json").read_text())  # what a resume checks
+    assert identity["train_images"] == WORLD * 300 and identity["classes"] == 10
 
 
 def test_torchrun_resume_loads_the_same_checkpoint_on_every_rank(runs):
