@@ -689,8 +689,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what} before the first step", file=sys.stderr)
         return status
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         unlock_run_dir()
         close_logging()
         cleanup()

@@ -333,21 +333,19 @@ def check_model_and_loss(cfg: TrainConfig) -> None:
 
 def check_optim(o, seed: int) -> None:
     """The optimizer's and schedule's numbers (named as the flags that set them)."""
-    ranges = {  # name: (low, low included, high, high included)
-        "base_lr": (0, False, math.inf, False),
-        "final_lr": (0, True, math.inf, False),
-        "warmup_epochs": (0, True, math.inf, False),
-        "momentum": (0, True, 1, False),
-        "weight_decay": (0, True, math.inf, False),
-        "trust_coefficient": (0, False, math.inf, False),
+    ranges = {  # name: (low, whether low itself is allowed, high (never allowed))
+        "base_lr": (0, False, math.inf),
+        "final_lr": (0, True, math.inf),
+        "warmup_epochs": (0, True, math.inf),
+        "momentum": (0, True, 1),
+        "weight_decay": (0, True, math.inf),
+        "trust_coefficient": (0, False, math.inf),
     }
-    for name, (lo, lo_in, hi, hi_in) in ranges.items():
-        v = getattr(o, name)
-        if not ((v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)):
-            left, right = "[" if lo_in else "(", "]" if hi_in else ")"
-            raise ConfigError(
-                f"--{name.replace('_', '-')}: must be in {left}{lo}, {hi}{right}, got {v}"
-            )
+    for name, (lo, lo_allowed, hi) in ranges.items():
+        v = getattr(o, name)  # NaN fails every comparison, so it is refused too
+        if not ((v >= lo if lo_allowed else v > lo) and v < hi):
+            left = "[" if lo_allowed else "("
+            raise ConfigError(f"--{name.replace('_', '-')}: must be in {left}{lo}, {hi}), got {v}")
     if o.lr_batch_ref < 1:
         raise ConfigError(f"--lr-batch-ref: must be >= 1, got {o.lr_batch_ref}")
     if seed < 0:
