@@ -12,7 +12,6 @@ embedding is the backbone's pooled features, the representation SuNCEt and PAWS 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -197,11 +196,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def write_json(record: dict, path: Path) -> Path:
+    from runner.metrics import write_json as write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write(path, record)
 
 
 def main(argv: list[str] | None = None) -> int:

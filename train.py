@@ -16,10 +16,8 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
 import typing
 from dataclasses import dataclass, replace
 from logging.handlers import MemoryHandler
@@ -33,6 +31,8 @@ from runner import config as rc
 from runner import metrics
 from runner.distributed import (
     DistInfo,
+    RanksFailed,
+    agree,
     all_agree,
     barrier,
     cleanup,
@@ -40,6 +40,8 @@ from runner.distributed import (
     init_distributed,
     wrap_model,
 )
+from runner.sigterm import STATUS as SIGTERM_STATUS
+from runner.sigterm import SigtermGuard, Terminated
 
 log = logging.getLogger("train")
 
@@ -154,13 +156,14 @@ def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> 
             f"--resume: {saved_path} not found; no run to resume in {fresh.run.out}"
         )
     saved = rc.load_json(saved_path)
+    saved = replace(saved, run=replace(saved.run, out=fresh.run.out))  # the folder it is in
     if args.config:  # checked, never applied: the run's own config goes on
         preset = rc.read_preset(args.config)
         for section, names in preset.items():
             for name in names if isinstance(names, dict) else ():
                 key = (section, name)
-                if name in updates.get(section, {}):
-                    continue
+                if name in updates.get(section, {}) or key == ("run", "out"):
+                    continue  # a flag wins; the preset's out is where the run was found
                 new, old = (getattr(getattr(c, section), name) for c in (fresh, saved))
                 if key in RESUMABLE and new != old and notes is not None:
                     flag = "--" + name.replace("_", "-")
@@ -342,6 +345,8 @@ def choose_labels(cfg: rc.TrainConfig, run_dir: Path, resume: bool) -> Labels:
     from convert.splits import resolve_split
 
     manifest = load_manifest(d.data)
+    if resume:
+        check_same_dataset(run_dir, manifest, d.data)
     spec, split_file = d.labels, d.split_file or None
     if resume and (run_dir / SPLIT_FILE).is_file():  # the list the run chose, as it was
         spec, split_file = str(run_dir / SPLIT_FILE), None
@@ -352,23 +357,30 @@ def choose_labels(cfg: rc.TrainConfig, run_dir: Path, resume: bool) -> Labels:
     return Labels(np.asarray(indices, dtype=np.int64), labels_of, manifest)
 
 
-def dataset_identity(labels: Labels) -> dict | None:
-    """The training images' count and a digest of their file names and labels (None without a
-    dataset): the same on a moved copy of the data, another on another dataset."""
-    if labels.manifest is None:
-        return None
-    train = labels.manifest.splits["train"]
-    return {"train_images": train.num_samples, "classes": labels.manifest.num_classes,
+def dataset_identity(manifest) -> dict:
+    """The training images' count and a digest of their file names and labels: the same on a
+    moved copy of the data, another on another dataset."""
+    train = manifest.splits["train"]
+    return {"train_images": train.num_samples, "classes": manifest.num_classes,
             "train_digest": train.fingerprint()}  # fmt: skip
 
 
-def check_same_dataset(run_dir: Path, labels: Labels, data: str) -> None:
+def check_same_dataset(run_dir: Path, manifest, data: str) -> None:
     """A resume goes on with the images the run started on (a moved copy is fine)."""
     path = run_dir / DATASET_JSON
     if not path.is_file():  # a run from before this check, or a synthetic one
         return
-    was, now = json.loads(path.read_text()), dataset_identity(labels)
-    if now is not None and was != now:
+    now = dataset_identity(manifest)
+    try:
+        was = json.loads(path.read_text())
+        was = {key: was[key] for key in now}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise rc.ConfigError(
+            f"--resume: cannot read {path} ({type(e).__name__}: {e}), which says which images "
+            "the run is on; if --data is the run's own dataset, delete the file to resume "
+            "without this check"
+        ) from e
+    if was != now:
         raise rc.ConfigError(
             f"--data {data}: not the dataset the run in {run_dir} started on "
             f"({now['train_images']} training images in {now['classes']} classes, against "
@@ -507,6 +519,30 @@ def warn_schedule_change(
     )  # fmt: skip
 
 
+def check_data(cfg: rc.TrainConfig, run_dir: Path, resume: bool, world: int):
+    """Stage 3 on one rank: the labeled split (on --resume the run's own, on the data it
+    started on) checked against C x K, the epoch's steps, the data files (none missing,
+    truncated or swapped) and the checkpoint to resume from. Returns (labels, classes in the
+    split, checkpoint state or None)."""
+    from pipelines.common import steps_per_epoch
+
+    d = cfg.data
+    labels = choose_labels(cfg, run_dir, resume)
+    n_classes = len(np.unique(labels.labels_of[labels.indices]))
+    rc.check_split(cfg, len(labels.indices), n_classes, world)
+    if d.backend != "synthetic":  # a batch each rank can fill; a last step with negatives
+        steps_per_epoch(len(labels.labels_of), d.batch_size, world, d.drop_last)
+    check_monitor(cfg, labels)
+    if labels.manifest is not None and d.backend != "synthetic":
+        from convert.manifest import check_files
+
+        check_files(d.data, labels.manifest, d.backend)
+    state = None
+    if resume and (run_dir / ckpt.LATEST).is_file():
+        state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
+    return labels, n_classes, state
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -528,18 +564,13 @@ def setup(args: argparse.Namespace):
     for note in notes:
         log.warning(note)
 
-    # 3. The labeled split: checked against C x K before any work, kept in the run folder.
-    #    The data files must be the ones the converter wrote (none missing, truncated, swapped).
-    labels = choose_labels(cfg, run_dir, args.resume)
-    if args.resume:
-        check_same_dataset(run_dir, labels, cfg.data.data)
-    n_classes = len(np.unique(labels.labels_of[labels.indices]))
-    rc.check_split(cfg, len(labels.indices), n_classes, world)
-    check_monitor(cfg, labels)
-    if labels.manifest is not None and cfg.data.backend != "synthetic":
-        from convert.manifest import check_files
-
-        check_files(cfg.data.data, labels.manifest, cfg.data.backend)
+    # 3. The data, the labeled split and the checkpoint, checked on every rank before any work;
+    #    the ranks agree, so that one error stops them all (and is reported once).
+    labels, n_classes, state = agree(
+        lambda: check_data(cfg, run_dir, args.resume, world),
+        info,
+        (ValueError, ckpt.CheckpointError),
+    )
 
     # 4. Model, optimizer, data, and the per-step LR schedule (LR scales with the global batch).
     model, optimizer, flops = build_training(cfg, info)
@@ -553,9 +584,7 @@ def setup(args: argparse.Namespace):
             cfg.optim.warmup_epochs, cfg.run.epochs, schedule[-1],
         )  # fmt: skip
     monitor = None if args.benchmark is not None else build_monitor(cfg, info, labels)
-    state = None
-    if args.resume and (run_dir / ckpt.LATEST).is_file():
-        state = ckpt.load_checkpoint(run_dir / ckpt.LATEST)
+    if state is not None:
         check_resume_steps(state, run_dir / ckpt.LATEST, len(pipeline), world)
     finished = state is not None and int(state["epoch"]) >= cfg.run.epochs
     if args.benchmark is None and not finished:  # only now: a failed start changes nothing
@@ -563,9 +592,8 @@ def setup(args: argparse.Namespace):
         if info.is_main:
             rc.save_json(cfg, run_dir / CONFIG_JSON)
             save_labels(labels, run_dir)
-            identity = dataset_identity(labels)
-            if identity is not None:
-                (run_dir / DATASET_JSON).write_text(json.dumps(identity, indent=2) + "\n")
+            if labels.manifest is not None:
+                metrics.write_json(run_dir / DATASET_JSON, dataset_identity(labels.manifest))
     trainer = Trainer(cfg, model, optimizer, schedule, info, run_dir, flops, monitor)
     log.info(
         "run %s | %s pipeline, %d steps/epoch | %d labeled images, %d classes | global batch "
@@ -613,30 +641,29 @@ def benchmark(args: argparse.Namespace, trainer, pipeline, argv: list[str]) -> i
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: what torchrun sends the other ranks when one fails, and a scheduler sends on
-    preemption; handled as Ctrl-C is, with its own status (143)."""
-
-
-def on_sigterm(signum, frame) -> None:
-    raise Terminated()
-
-
 def stop_line(e: KeyboardInterrupt) -> tuple[str, int]:
     """How an interruption is named, and the exit status it gives."""
-    return ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)", SIGTERM_STATUS
+    return "interrupted", 130
 
 
 def report_setup_error(e: Exception) -> None:
-    """One `error:` line on stderr. Under torchrun rank 0 alone reports a config error (every
-    rank checks the same config; the others would repeat it, or say "refused by rank 0");
-    other errors may be a rank's own, so every rank reports them, marked with its rank."""
+    """One `error:` line on stderr. Under torchrun an error of the checks the ranks agree on
+    (stage 3) is said once, by rank 0, and by another rank only where its own differs; rank 0
+    alone reports a config error of the earlier stages (every rank checks the same config;
+    the others would repeat it, or say "refused by rank 0"); a later error may be a rank's
+    own, so every rank reports it, marked with its rank."""
     rank, world, _ = env_world()
-    if rank != 0 and isinstance(e, rc.ConfigError):
-        return
-    mark = f"[rank {rank}] " if world > 1 and rank != 0 else ""
-    sys.stderr.write(f"{mark}error: {e}\n")  # one write: ranks' lines do not run together
-    sys.stderr.flush()
+    if isinstance(e, RanksFailed):
+        line = e.report()
+    elif rank != 0 and isinstance(e, rc.ConfigError):
+        line = None
+    else:
+        line = f"{f'[rank {rank}] ' if world > 1 and rank != 0 else ''}error: {e}"
+    if line is not None:
+        sys.stderr.write(line + "\n")  # one write: ranks' lines do not run together
+        sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,15 +673,15 @@ def main(argv: list[str] | None = None) -> int:
     from runner.loop import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    guard = SigtermGuard()  # SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt
+    guard.install()
     try:
         try:
             from runner.benchmark import check_args
 
             check_args(args)
             trainer, pipeline, start_epoch = setup(args)
-        except (ValueError, ckpt.CheckpointError) as e:  # Config/Manifest/Pipeline/Split errors
+        except (ValueError, ckpt.CheckpointError, RanksFailed) as e:  # Config/Manifest/...
             report_setup_error(e)
             return 2
 
@@ -662,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             return benchmark(args, trainer, pipeline, sys.argv[1:] if argv is None else argv)
 
         # 6. Train; the run folder is printed however the run ends.
+        guard.last_checkpoint = lambda: trainer.last_checkpoint or "none yet"
         status = 0
         try:
             trainer.fit(pipeline, start_epoch)
@@ -689,8 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what} before the first step", file=sys.stderr)
         return status
     finally:
-        if main_thread:  # None: the previous handler was not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        guard.uninstall()
         unlock_run_dir()
         close_logging()
         cleanup()

@@ -26,7 +26,6 @@ reads its finite flags late). Peak memory is per window: host RSS (Linux VmHWM, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -43,6 +42,7 @@ import torch
 from pipelines.batch import Batch
 from runner.config import ConfigError, to_dict
 from runner.loop import Trainer
+from runner.metrics import write_json
 
 log = logging.getLogger(__name__)
 
@@ -418,12 +418,6 @@ def summary(full: Row) -> str:
         f"GPU) | optimizer share of the full step: {100 * full.optimizer:.1f}% (goal <= "
         f"{100 * GOAL_OPTIMIZER_SHARE:g}%) | data-wait {100 * full.data_wait:.1f}%"
     )
-
-
-def write_json(path: Path, result: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- run

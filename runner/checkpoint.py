@@ -81,9 +81,11 @@ def atomic_save(obj: dict, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C / SIGTERM in mid-write
         tmp.unlink(missing_ok=True)
-        raise _failure(path, e) from e
+        if isinstance(e, OSError):
+            raise _failure(path, e) from e
+        raise
     fsync_dir(path.parent)
     return path
 
@@ -97,9 +99,11 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C / SIGTERM in mid-write
         tmp.unlink(missing_ok=True)
-        raise _failure(dst, e) from e
+        if isinstance(e, OSError):
+            raise _failure(dst, e) from e
+        raise
     return dst
 
 

@@ -151,7 +151,9 @@ def from_dict(d: dict, origin: str = "config") -> TrainConfig:
 
 
 def save_json(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    from runner.metrics import write_json
+
+    write_json(path, to_dict(cfg))
 
 
 def load_json(path: str | Path) -> TrainConfig:

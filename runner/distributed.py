@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,48 @@ def all_agree(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1 if flag else 0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+class RanksFailed(Exception):
+    """A step that every rank ran failed on some: each rank's error message (None where it
+    passed), so that each error is reported once (`report`)."""
+
+    def __init__(self, messages: list[str | None], rank: int):
+        super().__init__(next(m for m in messages if m is not None))
+        self.messages, self.rank = messages, rank
+
+    def report(self) -> str | None:
+        """This rank's line, or None: rank 0 says its own error (or names a rank that failed
+        where it passed); another rank speaks only where its error differs from rank 0's."""
+        mine, first = self.messages[self.rank], self.messages[0]
+        if self.rank == 0:
+            if first is not None:
+                return f"error: {first}"
+            failed = [r for r, m in enumerate(self.messages) if m is not None]
+            more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+            return f"error: rank {failed[0]}{more}: {self.messages[failed[0]]}"
+        if mine is None or mine == first:
+            return None
+        return f"[rank {self.rank}] error: {mine}"
+
+
+def agree(step: Callable[[], T], info: DistInfo, errors: tuple[type[BaseException], ...]) -> T:
+    """Runs `step` on every rank; if it raised one of `errors` on any rank, every rank raises
+    `RanksFailed` (one all-gather of the messages), so that no rank goes on to wait in a
+    collective for one that stopped. Alone, the error itself is raised."""
+    try:
+        result, problem = step(), None
+    except errors as e:
+        if not info.distributed:
+            raise
+        result, problem = None, e
+    if not info.distributed:
+        return result
+    messages: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(messages, None if problem is None else str(problem))
+    if any(m is not None for m in messages):
+        raise RanksFailed(messages, info.rank) from problem
+    return result
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,15 @@ CSV = "metrics.csv"
 PLOT = "metrics.png"
 
 
+def write_json(path: str | Path, obj) -> Path:
+    """Writes `obj` as indented JSON under a temporary name, then renames it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def fmt_num(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 

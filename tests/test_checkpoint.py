@@ -173,26 +173,48 @@ def test_resume_checks_a_preset_against_the_run_and_never_applies_it(tmp_path, c
     assert "--resume and --force: choose one" in capsys.readouterr().err
 
 
-def test_resume_on_another_dataset_is_refused_and_a_moved_copy_is_not(tmp_path):
-    import numpy as np
+def test_a_resumed_run_trains_in_the_folder_its_config_was_read_from(tmp_path, caplog):
+    """A run folder moved elsewhere, found by --out or by a preset's run.out: its config.json
+    still names the old folder, which must not be where the run goes on."""
+    from runner import config as rc
 
+    train = load_train()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    rc.save_json(rc.TrainConfig(run=rc.RunConfig(out=str(tmp_path / "original"))),
+                 moved / train.CONFIG_JSON)  # fmt: skip
+    preset = tmp_path / "preset.toml"
+    preset.write_text(f'[run]\nout = "{moved}"\n')
+    for argv in (["--out", str(moved)], ["--config", str(preset)]):
+        notes: list[str] = []
+        cfg = train.resolve_config(train.build_parser().parse_args([*argv, "--resume"]), notes)
+        assert cfg.run.out == str(moved) and notes == [], (argv, notes)
+
+
+def test_resume_on_another_dataset_is_refused_and_a_moved_copy_is_not(tmp_path):
     from convert.manifest import Manifest, SplitInfo
 
     train = load_train()
 
-    def labels_of(files: list[str]):
+    def manifest_of(files: list[str]):
         split = SplitInfo(files=files, labels=[i % 2 for i in range(len(files))])
-        return train.Labels(
-            np.arange(2), np.asarray(split.labels), Manifest(["a", "b"], {"train": split})
-        )
+        return Manifest(["a", "b"], {"train": split})
 
     files = [f"{c}/{i}.jpg" for i in range(6) for c in "ab"]
-    (tmp_path / train.DATASET_JSON).write_text(json.dumps(train.dataset_identity(labels_of(files))))
-    train.check_same_dataset(tmp_path, labels_of(list(files)), "/moved/copy")  # the same images
+    (tmp_path / train.DATASET_JSON).write_text(
+        json.dumps(train.dataset_identity(manifest_of(files)))
+    )
+    train.check_same_dataset(tmp_path, manifest_of(list(files)), "/moved/copy")  # the same images
     other = [*files[:-1], "b/extra.jpg"]  # as many images, one of them another
     with pytest.raises(
         ValueError, match=r"^--data /other: not the dataset the run in .* started on"
     ):
-        train.check_same_dataset(tmp_path, labels_of(other), "/other")
+        train.check_same_dataset(tmp_path, manifest_of(other), "/other")
     with pytest.raises(ValueError, match=r"\(13 training images in 2 classes, against 12 in 2"):
-        train.check_same_dataset(tmp_path, labels_of([*files, "a/x.jpg"]), "/other")
+        train.check_same_dataset(tmp_path, manifest_of([*files, "a/x.jpg"]), "/other")
+
+    path = tmp_path / train.DATASET_JSON  # damaged: named, with what to do
+    for damage in ("", '{"train_images": 12}', "[1, 2]"):
+        path.write_text(damage)
+        with pytest.raises(ValueError, match=rf"^--resume: cannot read {path} .* delete the"):
+            train.check_same_dataset(tmp_path, manifest_of(files), "/data")

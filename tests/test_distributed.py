@@ -378,18 +378,41 @@ def test_ddp_gradients_match_one_process_on_the_double_batch(spawned):
             torch.testing.assert_close(got, ref.grad)
 
 
-if __name__ == "__main__":
-    sys.exit(probe_main(sys.argv[1:]))
-
-
-def test_a_config_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--temperature", "0"], "error: --temperature: must be"),  # before the group starts
+        (["--classes-per-batch", "999"], "error: --classes-per-batch 999"),  # by the split
+        (["--pipeline", "ffcv", "--data", "nowhere"], "error: nowhere: dataset folder does not"),
+    ],
+)
+def test_a_bad_setting_under_torchrun_is_one_line_from_rank_0(tmp_path, flags, says):
     from test_train import TINY
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(WORLD), "train.py", *TINY, "--classes-per-batch", "999", "--out",
-           str(tmp_path / "run")]  # fmt: skip
+           str(WORLD), "train.py", *TINY, *flags, "--out", str(tmp_path / "run")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    lines = [x for x in done.stderr.splitlines() if "error: --classes-per-batch 999" in x]
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith(("error:", "[rank"))]
+    assert len(lines) == 1 and lines[0].startswith(says), done.stderr[-3000:]
+
+
+def test_a_failed_check_is_said_by_rank_0_and_by_a_rank_whose_error_differs():
+    from runner.distributed import RanksFailed
+
+    same = ["bad option", "bad option"]
+    assert [RanksFailed(same, r).report() for r in (0, 1)] == ["error: bad option", None]
+    own = [None, "rank 1's folder is missing", None, "rank 1's folder is missing"]
+    assert [RanksFailed(own, r).report() for r in range(4)] == [
+        "error: rank 1 (and 1 more rank(s)): rank 1's folder is missing",
+        "[rank 1] error: rank 1's folder is missing",
+        None,
+        "[rank 3] error: rank 1's folder is missing",
+    ]
+    differs = ["no labels.txt", "cannot read manifest.json"]
+    assert RanksFailed(differs, 1).report() == "[rank 1] error: cannot read manifest.json"
+
+
+if __name__ == "__main__":
+    sys.exit(probe_main(sys.argv[1:]))

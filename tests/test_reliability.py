@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,6 +237,32 @@ def test_split_file_naming_a_missing_image_stops_train_py(cifar_dataset, tmp_pat
     line = one_error_line(capsys.readouterr().err)
     assert str(split) in line and "airplane/not-there.jpg" in line and "remove" in line, line
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_resume_with_data_of_another_dataset_is_refused_before_its_split_is_read(
+    cifar_dataset, cifar_tree, tmp_path, capsys
+):
+    """The run's own labels.txt names files the other dataset lacks: the dataset check comes
+    first, so the error says what is wrong (not that the run's split file needs editing)."""
+    from convert import imagenet_to_ffcv
+
+    out = tmp_path / "run"
+    assert train_real(cifar_dataset, out, "--epochs", "1") == 0
+    other = tmp_path / "other-tree" / "train"
+    for folder in sorted((cifar_tree / "train").iterdir()):
+        (other / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:20]:
+            shutil.copy(f, other / folder.name / f"b-{f.name}")
+    data = tmp_path / "other"
+    imagenet_to_ffcv.main(
+        ["--src", str(other.parent), "--out", str(data), "--max-resolution", "32"]
+    )
+    capsys.readouterr()
+    assert train_real(data, out, "--epochs", "2", "--resume") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --data {data}: not the dataset the run in {out} started on")
+    assert "(200 training images in 10 classes, against 600 in 10" in line, line
+    assert load_manifest(cifar_dataset).splits["train"].num_samples == 600
 
 
 def test_missing_data_folder_is_one_error_line_from_the_command_line(tmp_path):
@@ -490,3 +517,80 @@ def test_sigterm_during_training_names_the_last_checkpoint(tmp_path):
     )
     assert "Traceback" not in printed and f"run folder: {out.resolve()}" in printed
     assert run_main(out, "--epochs", "2", "--resume") == 0
+
+
+BLOCKED_RANK = """
+import os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, os.getcwd())
+from runner.sigterm import SigtermGuard
+
+rank = int(os.environ["RANK"])
+if rank == 0:
+    SigtermGuard(grace=1.0, last_checkpoint=lambda: "ckpt-of-the-test").install()
+dist.init_process_group("gloo", rank=rank, world_size=2)
+if rank == 0:
+    print("waiting", flush=True)
+    dist.barrier()  # rank 1 never comes: blocked in C, where Python runs no handler
+    print("left the barrier", flush=True)
+else:
+    time.sleep(120)
+"""
+
+
+def test_sigterm_ends_a_rank_blocked_in_a_collective_after_the_grace_period(tmp_path):
+    """A rank blocked in a collective (its peer stopped) never runs Python's handler; the
+    watcher ends it after the grace period with status 143 and a line naming the checkpoint,
+    instead of waiting there for the sender's SIGKILL."""
+    script = tmp_path / "blocked.py"
+    script.write_text(BLOCKED_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env={**env, "RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    try:
+        assert procs[0].stdout.readline() == "waiting\n", procs[0].stderr.read()
+        time.sleep(0.5)  # in the barrier
+        start = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=60) == 143
+        waited = time.monotonic() - start
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert "left the barrier" not in procs[0].stdout.read()
+    assert "did not stop within 1 s" in err and "last checkpoint: ckpt-of-the-test" in err, err
+    assert waited < 30, waited  # the grace period, not the peer's 120 s
+
+
+def test_sigterm_guard_puts_back_the_previous_handler_and_keeps_an_ignored_sigterm():
+    from runner.sigterm import SigtermGuard, Terminated
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        guard = SigtermGuard()
+        assert guard.install()
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one while the first is handled
+        time.sleep(0.2)
+        guard.uninstall()
+        assert signal.getsignal(signal.SIGTERM) is mine
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        assert not SigtermGuard().install()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

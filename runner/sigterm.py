@@ -1,0 +1,95 @@
+"""SIGTERM handled as Ctrl-C is, even where the main thread is blocked in C code.
+
+SIGTERM is what torchrun sends the other ranks when one fails and what a scheduler sends on
+preemption. Python runs a signal handler only between two bytecodes of the main thread, so a
+main thread blocked in one long C call (a collective waiting for a rank that died, a CUDA
+synchronize) would not see it until the call returned, and would be killed (SIGKILL) when the
+sender's grace period ended, without a word. A watcher thread, woken through Python's signal
+wakeup file descriptor, ends such a process itself after `grace` seconds (status 143).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+STATUS = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM; handled as Ctrl-C is, with status 143."""
+
+
+class SigtermGuard:
+    """Installs the handler and its watcher (`install`), and puts back what was there
+    (`uninstall`). Only the main thread can install it; an inherited SIG_IGN is respected.
+
+    Args:
+        grace: seconds the main thread has to take the signal before the watcher ends the
+            process.
+        last_checkpoint: what to name as the last checkpoint if the watcher has to end it.
+    """
+
+    def __init__(self, grace: float = 15.0, last_checkpoint: Callable[[], str] | None = None):
+        self.grace = grace
+        self.last_checkpoint = last_checkpoint or (lambda: "none yet")
+        self.taken = threading.Event()  # the main thread ran the handler
+        self._previous = None
+        self._old_fd = -1
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+            return False  # started with SIGTERM ignored (nohup-like): keep it so
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._pipe = (r, w)
+        self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._watcher = threading.Thread(target=self._watch, name="sigterm-watch", daemon=True)
+        self._watcher.start()
+        return True
+
+    def uninstall(self) -> None:
+        if self._pipe is None:
+            return
+        previous = signal.SIG_DFL if self._previous is None else self._previous
+        signal.signal(signal.SIGTERM, previous)  # None: the previous one was not from Python
+        signal.set_wakeup_fd(self._old_fd)
+        r, w = self._pipe
+        os.set_blocking(w, True)
+        os.write(w, b"\0")  # wakes the watcher, which ends
+        self._watcher.join()
+        os.close(r)
+        os.close(w)
+        self._pipe = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.taken.is_set():
+            return  # a second SIGTERM while the first one is handled
+        self.taken.set()
+        raise Terminated()
+
+    def _watch(self) -> None:
+        r, _ = self._pipe
+        while True:
+            data = os.read(r, 64)  # one byte per signal Python caught: its number
+            if not data or 0 in data:
+                return
+            if signal.SIGTERM in data and not self.taken.wait(self.grace):
+                self._end()
+
+    def _end(self) -> None:
+        sys.stderr.write(
+            f"terminated (SIGTERM): the main thread did not stop within {self.grace:g} s "
+            "(blocked in a call, e.g. a collective waiting for a rank that stopped); ending "
+            f"now; last checkpoint: {self.last_checkpoint()}; rerun with --resume to continue\n"
+        )
+        sys.stderr.flush()
+        os._exit(STATUS)
