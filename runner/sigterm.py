@@ -6,6 +6,8 @@ main thread blocked in one long C call (a collective waiting for a rank that die
 synchronize) would not see it until the call returned, and would be killed (SIGKILL) when the
 sender's grace period ended, without a word. A watcher thread, woken through Python's signal
 wakeup file descriptor, ends such a process itself after `grace` seconds (status 143).
+A forked child (a DataLoader worker) drops the wakeup descriptor it inherits, so that a
+signal to the child is never taken for one to this process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ import threading
 from collections.abc import Callable
 
 STATUS = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+
+
+def _forget_in_child() -> None:
+    """After a fork, in the child: its signals must not wake the parent's watcher."""
+    if _installed:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:  # not the main thread of the child's interpreter
+            pass
+
+
+_installed = 0  # guards installed in this process
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class Terminated(KeyboardInterrupt):
@@ -52,6 +67,8 @@ class SigtermGuard:
         self._pipe = (r, w)
         self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        global _installed
+        _installed += 1
         self._watcher = threading.Thread(target=self._watch, name="sigterm-watch", daemon=True)
         self._watcher.start()
         return True
@@ -62,6 +79,8 @@ class SigtermGuard:
         previous = signal.SIG_DFL if self._previous is None else self._previous
         signal.signal(signal.SIGTERM, previous)  # None: the previous one was not from Python
         signal.set_wakeup_fd(self._old_fd)
+        global _installed
+        _installed -= 1
         r, w = self._pipe
         os.set_blocking(w, True)
         os.write(w, b"\0")  # wakes the watcher, which ends

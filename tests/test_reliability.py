@@ -571,6 +571,34 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective_after_the_grace_period(tmp_
     assert waited < 30, waited  # the grace period, not the peer's 120 s
 
 
+FORKED_CHILD = """
+import os, signal, sys, time
+sys.path.insert(0, os.getcwd())
+from runner.sigterm import SigtermGuard
+
+SigtermGuard(grace=0.5).install()
+pid = os.fork()
+if pid == 0:  # a worker that gets SIGTERM (a DataLoader terminating it), with the handler
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        os._exit(0)
+    os._exit(1)
+os.waitpid(pid, 0)
+time.sleep(2)  # the parent's watcher would end it here, 0.5 s after the child's signal
+print("parent alive", flush=True)
+"""
+
+
+def test_sigterm_to_a_forked_child_leaves_the_parent_alone(tmp_path):
+    script = tmp_path / "fork.py"
+    script.write_text(FORKED_CHILD)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "parent alive\n", done.stderr
+
+
 def test_sigterm_guard_puts_back_the_previous_handler_and_keeps_an_ignored_sigterm():
     from runner.sigterm import SigtermGuard, Terminated
 
