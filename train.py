@@ -166,7 +166,7 @@ def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> 
                     continue  # a flag wins; the preset's out is where the run was found
                 new, old = (getattr(getattr(c, section), name) for c in (fresh, saved))
                 if key in RESUMABLE and new != old and notes is not None:
-                    flag = "--" + name.replace("_", "-")
+                    flag = rc.flag_of(section, name)
                     notes.append(
                         f"--config {args.config}: its {section}.{name} = {new!r} is not "
                         f"applied on --resume (the run keeps {old!r}); pass {flag} to change it"
@@ -188,7 +188,7 @@ def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> 
                 saved = replace(saved, **{section: replace(getattr(saved, section), **{name: new})})
             elif new != old:
                 raise rc.ConfigError(
-                    f"--{name.replace('_', '-')}: {section}.{name} is {old!r} in {saved_path}; "
+                    f"{rc.flag_of(section, name)}: {section}.{name} is {old!r} in {saved_path}; "
                     "a resumed run keeps its config (start a new run with another --out)"
                 )
     return saved
@@ -257,13 +257,19 @@ def unlock_run_dir() -> None:
 
 
 def make_run_dir(run_dir: Path) -> str | None:
-    """Creates the folder; None, or why it cannot be."""
+    """Creates the folder and writes a probe file in it; None, or why it cannot be."""
     if run_dir.exists() and not run_dir.is_dir():
         return "is a file, not a folder"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"cannot create the folder ({type(e).__name__}: {e.strerror or e})"
+    probe = run_dir / f".write-probe-{os.getpid()}"  # a read-only mount, a full disk
+    try:
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
     return None
 
 
@@ -368,7 +374,14 @@ def dataset_identity(manifest) -> dict:
 def check_same_dataset(run_dir: Path, manifest, data: str) -> None:
     """A resume goes on with the images the run started on (a moved copy is fine)."""
     path = run_dir / DATASET_JSON
-    if not path.is_file():  # a run from before this check, or a synthetic one
+    if not path.is_file():  # a run from before this check
+        log.warning(
+            "--resume: %s has no %s (a run from before this check): --data %s is not "
+            "checked against the images the run started on",
+            run_dir,
+            DATASET_JSON,
+            data,
+        )
         return
     now = dataset_identity(manifest)
     try:
@@ -548,7 +561,7 @@ def check_data(cfg: rc.TrainConfig, run_dir: Path, resume: bool, world: int):
 
 def setup(args: argparse.Namespace):
     """Stages 1-5: everything before the first step. Impossible settings fail here."""
-    from model.optim import lr_schedule
+    from model.optim import lr_schedule, peak_lr
     from runner.loop import Trainer
 
     # 1. Config: preset < flags (or the run folder's, on --resume); reject impossible settings.
@@ -569,7 +582,7 @@ def setup(args: argparse.Namespace):
     labels, n_classes, state = agree(
         lambda: check_data(cfg, run_dir, args.resume, world),
         info,
-        (ValueError, ckpt.CheckpointError),
+        (ValueError, ckpt.CheckpointError, OSError),
     )
 
     # 4. Model, optimizer, data, and the per-step LR schedule (LR scales with the global batch).
@@ -582,6 +595,13 @@ def setup(args: argparse.Namespace):
             "--warmup-epochs %g >= --epochs %d: the LR rises for the whole run and never "
             "decays (its peak, %.4g, is the last step's)",
             cfg.optim.warmup_epochs, cfg.run.epochs, schedule[-1],
+        )  # fmt: skip
+    peak = peak_lr(cfg.optim, global_batch)
+    if cfg.optim.final_lr > peak:
+        log.warning(
+            "--final-lr %g is above the peak LR %.4g (--base-lr x global batch / "
+            "--lr-batch-ref): the schedule rises to it after the warm-up instead of decaying",
+            cfg.optim.final_lr, peak,
         )  # fmt: skip
     monitor = None if args.benchmark is not None else build_monitor(cfg, info, labels)
     if state is not None:
@@ -681,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_args(args)
             trainer, pipeline, start_epoch = setup(args)
-        except (ValueError, ckpt.CheckpointError, RanksFailed) as e:  # Config/Manifest/...
+        except (ValueError, ckpt.CheckpointError, RanksFailed, OSError) as e:  # Config/...
             report_setup_error(e)
             return 2
 
@@ -698,8 +718,9 @@ def main(argv: list[str] | None = None) -> int:
             if trainer.info.is_main:
                 kept = trainer.last_checkpoint or "none yet"
                 log.error("%s; last checkpoint: %s; rerun with --resume to continue", what, kept)
-        except (ckpt.CheckpointError, NonFiniteLossError) as e:
-            log.error("error: %s", e)
+        except (ckpt.CheckpointError, NonFiniteLossError) as e:  # the same on every rank (losses
+            if trainer.info.is_main:  # are the global batch's), or rank 0's own (checkpoints)
+                log.error("error: %s", e)
             status = 1
         except (PipelineError, OSError) as e:  # data damaged after conversion (met in mid-run),
             # a full disk or a lost mount while writing metrics or the plot

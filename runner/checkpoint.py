@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,16 @@ def _failure(path: Path, e: OSError) -> CheckpointError:
     )
 
 
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind `e`, if any: torch.save's writer turns a failed write (a full disk)
+    into a RuntimeError ("unexpected pos ...") raised while the OSError is handled."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_save(obj: dict, path: str | Path) -> Path:
     """Writes `obj` to a temporary name beside `path`, fsyncs it, then renames it over `path`.
 
@@ -83,8 +94,9 @@ def atomic_save(obj: dict, path: str | Path) -> Path:
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or Ctrl-C / SIGTERM in mid-write
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _failure(path, e) from e
+        cause = os_error_in(e)
+        if cause is not None:
+            raise _failure(path, cause) from e
         raise
     fsync_dir(path.parent)
     return path
@@ -149,18 +161,29 @@ def load_checkpoint(path: str | Path, map_location="cpu", option: str = "--resum
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{option}: no checkpoint at {path}")
+    todo = (
+        "copy a kept checkpoint-epNNNN.pt over it to resume from there, or start again with --force"
+        if option == "--resume"
+        else "pass a checkpoint.pt or checkpoint-epNNNN.pt that train.py wrote"
+    )
+    try:
+        # torch.load does not check the CRC-32 its zip format stores for every record: bytes
+        # damaged in place would load as wrong weights. Reading them back costs ~0.1 s/GB.
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError):  # not a zip: torch.load below says what it is
+        damaged = None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{option}: checkpoint {path} is damaged (record {damaged} fails its CRC-32 "
+            f"check); {todo}"
+        )
     try:
         # Checkpoints hold numpy and python RNG states, hence weights_only=False: only load
         # checkpoints this program wrote.
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which one
         first = (str(e).splitlines() or [""])[0]
-        todo = (
-            "copy a kept checkpoint-epNNNN.pt over it to resume from there, or start again "
-            "with --force"
-            if option == "--resume"
-            else "pass a checkpoint.pt or checkpoint-epNNNN.pt that train.py wrote"
-        )
         raise CheckpointError(
             f"{option}: cannot read checkpoint {path} ({type(e).__name__}: {first}); {todo}"
         ) from e

@@ -180,6 +180,13 @@ def flag_names() -> dict[str, tuple[str, str]]:
     return out
 
 
+def flag_of(section: str, name: str) -> str:
+    """The command-line flag that sets a field (train.py's `--pipeline` for data.backend)."""
+    if (section, name) == ("data", "backend"):
+        return "--pipeline"
+    return next(flag for flag, key in flag_names().items() if key == (section, name))
+
+
 def parse_set(items: list[str]) -> dict[str, dict[str, str]]:
     """`["data.batch_size=64"]` -> `{"data": {"batch_size": "64"}}` (values still strings)."""
     out: dict[str, dict[str, str]] = {}
@@ -242,6 +249,8 @@ def validate(cfg: TrainConfig, cuda_available: bool, world_size: int = 1) -> Non
         raise ConfigError("--classes-per-batch and --images-per-class must be >= 1")
     if d.n_supervised_views < 1:
         raise ConfigError("--n-supervised-views: must be >= 1")
+    if d.num_workers < 1:
+        raise ConfigError(f"--num-workers: must be >= 1, got {d.num_workers}")
     # SuNCEt pulls each labeled view towards the others of its class in the global labeled
     # batch: with one image per class and one view, and no other rank sharing the classes,
     # there are none, and the loss is 0 at every step.
@@ -302,10 +311,12 @@ def check_views(a) -> None:
             f"--eval-size {a.eval_size} / --eval-resize {a.eval_resize}: the centre crop must be "
             f">= {MIN_CROP} pixels and no larger than the resized shorter side"
         )
-    if a.color_strength < 0:
-        raise ConfigError("--color-strength: must be >= 0")
-    if min(a.std) <= 0:
-        raise ConfigError(f"--std: every channel's std must be > 0, got {a.std}")
+    if not 0 <= a.color_strength < math.inf:  # NaN fails both comparisons
+        raise ConfigError(f"--color-strength: must be finite and >= 0, got {a.color_strength}")
+    if not all(0 < v < math.inf for v in a.std):
+        raise ConfigError(f"--std: every channel's std must be finite and > 0, got {a.std}")
+    if not all(math.isfinite(v) for v in a.mean):
+        raise ConfigError(f"--mean: every channel's mean must be finite, got {a.mean}")
 
 
 def check_model_and_loss(cfg: TrainConfig) -> None:
@@ -350,8 +361,8 @@ def check_optim(o, seed: int) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be in {left}{lo}, {hi}), got {v}")
     if o.lr_batch_ref < 1:
         raise ConfigError(f"--lr-batch-ref: must be >= 1, got {o.lr_batch_ref}")
-    if seed < 0:
-        raise ConfigError(f"--seed: must be >= 0, got {seed}")
+    if not 0 <= seed < 2**63:  # torch.manual_seed takes a 64-bit integer
+        raise ConfigError(f"--seed: must be in [0, 2**63), got {seed}")
 
 
 def check_split(cfg: TrainConfig, n_labeled: int, n_classes: int, world_size: int = 1) -> None:

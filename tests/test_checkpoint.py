@@ -86,6 +86,51 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+class FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def test_a_real_torch_save_onto_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch.save's writer turns the failed write into a RuntimeError ("unexpected pos"):
+    still a full disk, said as one, with no temporary left behind."""
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save(tiny_state(1.0), path)
+    monkeypatch.setattr(ckpt, "_write", lambda obj, f: torch.save(obj, FullDisk(f, 4096)))
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.atomic_save({"model": {"w": torch.zeros(100_000)}}, path)
+    assert isinstance(err.value.__cause__, RuntimeError)  # what torch raised
+    msg = str(err.value)
+    assert "(disk full)" in msg and "previous checkpoint.pt is intact" in msg, msg
+    assert torch.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_damaged_in_place_is_refused_naming_it(tmp_path):
+    """Bytes zeroed inside a checkpoint load silently with torch.load (wrong weights); the
+    zip records' CRC-32 finds them."""
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save({"model": {"w": torch.randn(100_000)}, "epoch": 1}, path)
+    assert ckpt.load_checkpoint(path)["epoch"] == 1
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    torch.load(path)  # torch alone does not notice
+    with pytest.raises(ckpt.CheckpointError, match=r"^--checkpoint: checkpoint .* is damaged"):
+        ckpt.load_checkpoint(path, option="--checkpoint")
+
+
 def test_disk_full_during_a_run_stops_it_with_the_previous_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
@@ -118,7 +163,9 @@ def test_resume_refuses_a_changed_option(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main(out, "--epochs", "1") == 0
     assert load_train().main(["--out", str(out), "--resume", "--batch-size", "4"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+    assert "error: --batch-size: data.batch_size is 8 in " in capsys.readouterr().err
+    assert load_train().main(["--out", str(out), "--resume", "--pipeline", "ffcv"]) == 2
+    assert "error: --pipeline: data.backend is 'synthetic' in " in capsys.readouterr().err
 
 
 def test_resume_may_move_the_cutting_of_views(tmp_path):
@@ -191,7 +238,7 @@ def test_a_resumed_run_trains_in_the_folder_its_config_was_read_from(tmp_path, c
         assert cfg.run.out == str(moved) and notes == [], (argv, notes)
 
 
-def test_resume_on_another_dataset_is_refused_and_a_moved_copy_is_not(tmp_path):
+def test_resume_on_another_dataset_is_refused_and_a_moved_copy_is_not(tmp_path, caplog):
     from convert.manifest import Manifest, SplitInfo
 
     train = load_train()
@@ -212,6 +259,12 @@ def test_resume_on_another_dataset_is_refused_and_a_moved_copy_is_not(tmp_path):
         train.check_same_dataset(tmp_path, manifest_of(other), "/other")
     with pytest.raises(ValueError, match=r"\(13 training images in 2 classes, against 12 in 2"):
         train.check_same_dataset(tmp_path, manifest_of([*files, "a/x.jpg"]), "/other")
+
+    (tmp_path / train.DATASET_JSON).unlink()  # a run from before the check: said, not refused
+    train.check_same_dataset(tmp_path, manifest_of(other), "/other")
+    assert "has no dataset.json (a run from before this check): --data /other is not" in (
+        caplog.text
+    )
 
     path = tmp_path / train.DATASET_JSON  # damaged: named, with what to do
     for damage in ("", '{"train_images": 12}', "[1, 2]"):

@@ -398,6 +398,23 @@ def test_a_bad_setting_under_torchrun_is_one_line_from_rank_0(tmp_path, flags, s
     assert len(lines) == 1 and lines[0].startswith(says), done.stderr[-3000:]
 
 
+def test_non_finite_losses_under_torchrun_stop_every_rank_with_one_line(tmp_path):
+    """The losses are the global batch's, so every rank stops at the same step; rank 0 alone
+    says so."""
+    from test_train import TINY
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), "train.py", *TINY, "--temperature", "1e-40", "--max-nonfinite", "1",
+           "--epochs", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [x for x in (done.stdout + done.stderr).splitlines() if "error:" in x]
+    assert len(lines) == 1 and lines[0].startswith("error: stopped at step 1 (epoch 0)"), (
+        done.stdout[-2000:] + done.stderr[-3000:]
+    )
+
+
 def test_a_failed_check_is_said_by_rank_0_and_by_a_rank_whose_error_differs():
     from runner.distributed import RanksFailed
 

@@ -126,6 +126,32 @@ def test_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
         assert f"--out {bad}:" in err and "Traceback" not in err
 
 
+def test_out_that_cannot_be_written_is_one_error_line_before_any_work(tmp_path, capsys):
+    """/proc stands for a read-only mount (chmod does not stop root): train.py, --benchmark
+    (which writes benchmark.json at the end) and a resume are refused before any work."""
+    for extra in ([], ["--benchmark"], ["--resume"]):
+        assert run_main(Path("/proc"), "--epochs", "1", *extra) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        if extra != ["--resume"]:  # (a resume first misses /proc/config.json)
+            assert "error: --out /proc: cannot write there (" in err, err
+
+
+def test_a_write_failing_at_the_start_of_a_run_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    train = load_train()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run/labels.txt"))
+
+    monkeypatch.setattr(train, "save_labels", full)
+    assert run_main(tmp_path / "run", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 28] No space left on device: ") and "labels.txt" in err
+    assert "Traceback" not in err
+
+
 def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
@@ -276,4 +302,6 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
     assert "--warmup-epochs 1 >= --epochs 1: the LR rises for the whole run" in caplog.text
     caplog.clear()
     assert run_main(tmp_path / "b", "--epochs", "2") == 0
-    assert "--warmup-epochs" not in caplog.text
+    assert "--warmup-epochs" not in caplog.text and "--final-lr" not in caplog.text
+    assert run_main(tmp_path / "c", "--epochs", "2", "--final-lr", "10") == 0  # peak: 0.5 x 8/256
+    assert "--final-lr 10 is above the peak LR 0.01562 (--base-lr x global batch" in caplog.text
