@@ -49,12 +49,17 @@ def data_folder(args: argparse.Namespace, cfg) -> str:
     if args.data:
         return args.data
     data = cfg.data.data
-    if not Path(data).is_absolute() and not Path(data).is_dir():
+    if Path(data).is_dir() or (Path(data).is_absolute() and Path(data).exists()):
+        return data
+    if not Path(data).is_absolute():
         raise ValueError(
             f"the run's dataset folder {data!r} is relative to where train.py ran and is not "
             f"below {Path.cwd()}; pass --data DIR (or run from that folder)"
         )
-    return data
+    raise ValueError(
+        f"the run's dataset folder {data} (data.data in the checkpoint's config) does not exist: "
+        "moved or deleted since the run; pass --data DIR where it is now"
+    )
 
 
 def labeled_indices(cfg, checkpoint: str | Path, data_dir: str, spec: str | None) -> np.ndarray:
@@ -115,9 +120,12 @@ def check_common(args: argparse.Namespace, out: Path) -> str | None:
         return "--batch-size and --num-workers must be >= 1"
     if out.is_dir():
         return f"--out {out}: is a folder; name the JSON file to write"
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        return f"--out {out}: {blocker} is a file, not a folder"
+    from convert.common import cannot_write
+
+    problem = cannot_write(out.parent)  # below a file, read-only: before hours of work
+    if problem is not None:
+        default = "" if args.out else " (the default, beside the checkpoint)"
+        return f"--out {out}{default}: {problem}; pass --out FILE elsewhere"
     return None
 
 

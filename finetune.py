@@ -67,6 +67,8 @@ def check_args(args: argparse.Namespace, out: Path) -> str | None:
         return f"--momentum: must be in [0, 1), got {args.momentum}"
     if not 0 <= args.weight_decay < math.inf or args.eval_every < 0:
         return "--weight-decay and --eval-every must be >= 0"
+    if not 0 <= args.seed < 2**63:
+        return f"--seed: must be in [0, 2**63), got {args.seed}"
     return check_common(args, out)
 
 

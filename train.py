@@ -257,19 +257,19 @@ def unlock_run_dir() -> None:
 
 
 def make_run_dir(run_dir: Path) -> str | None:
-    """Creates the folder and writes a probe file in it; None, or why it cannot be."""
+    """Creates the folder, once a probe file shows it can be written (a read-only mount, a
+    file on the path); None, or why it cannot be."""
+    from convert.common import cannot_write
+
     if run_dir.exists() and not run_dir.is_dir():
         return "is a file, not a folder"
+    problem = cannot_write(run_dir)
+    if problem is not None:
+        return problem
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"cannot create the folder ({type(e).__name__}: {e.strerror or e})"
-    probe = run_dir / f".write-probe-{os.getpid()}"  # a read-only mount, a full disk
-    try:
-        probe.write_bytes(b"0")
-        probe.unlink()
-    except OSError as e:
-        return f"cannot write there ({e.strerror or e})"
     return None
 
 

@@ -19,7 +19,9 @@ import io
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +48,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 class ConversionError(RuntimeError):
     """A conversion that cannot go on; the message names the file or folder at fault."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while writing `out`: still a KeyboardInterrupt for callers, with the folder named.
+
+    The partial files it leaves are temporary names (`Staging`), removed on the way out or, if
+    the process dies first, by the next conversion into `out` (`remove_stale_tmp`).
+    """
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(str(out))
+        self.out = out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +305,12 @@ def parallel_map(
 
 
 def _worker_init() -> None:
-    """Runs in each worker process: parallelism is across processes; OpenCV's pool contends."""
+    """Runs in each worker process: parallelism is across processes; OpenCV's pool contends.
+
+    Ctrl-C in a terminal reaches every process of the group: a worker ignores it (no traceback
+    of its own); the main process handles it and ends the workers.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
 
 
@@ -438,6 +457,35 @@ class Staging:
 
 
 LOCK_NAME = ".convert.lock"
+PROBE_PREFIX = ".write-probe-"
+
+
+def cannot_write(folder: str | os.PathLike) -> str | None:
+    """Why new files cannot be written in `folder`, or None.
+
+    Where `folder` does not exist yet, its nearest existing parent must allow creating it.
+    Checked by creating and removing a small file there: ``os.access`` is not reliable on
+    every filesystem (a read-only mount, ACLs, root on NFS). The one check of an output folder
+    before any work: the converters' and make_digits.py's ``--out``, and the folder of
+    evaluate.py's and finetune.py's results file.
+    """
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if existing is None:
+        return "cannot write there (no part of the path exists)"
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if existing == folder:
+            return f"cannot write there ({reason})"
+        return f"cannot create it in {existing} ({reason})"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 @contextlib.contextmanager
@@ -446,8 +494,13 @@ def output_lock(out: Path) -> Iterator[None]:
 
     Two converters writing one folder at once would clear each other's temporary files and
     race on the manifest; the second one fails at once instead. The OS drops the lock when the
-    process dies, so a killed conversion never leaves the folder locked.
+    process dies, so a killed conversion never leaves the folder locked. A folder that cannot
+    be written (a file, below a file, read-only) fails here, before any work; Ctrl-C inside
+    is raised as `Interrupted`, naming `out`.
     """
+    problem = cannot_write(out)
+    if problem is not None:
+        raise ConversionError(f"--out {out}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK_NAME, "w") as f:
         try:
@@ -457,7 +510,12 @@ def output_lock(out: Path) -> Iterator[None]:
                 f"{out}: another conversion is writing this folder; wait for it to finish or "
                 "pass another --out"
             ) from None
-        yield
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted):
+                raise
+            raise Interrupted(out) from e
 
 
 def remove_stale_tmp(out: Path) -> None:
@@ -636,11 +694,23 @@ def setup_logging() -> None:
 
 
 def run_cli(main: Callable[[], object]) -> int:
-    """Runs a converter's `main` as a program: bad input is one `error: ...` line, status 2."""
+    """Runs a converter's `main` as a program: bad input is one `error: ...` line, status 2;
+    Ctrl-C is one line, status 130."""
     setup_logging()
     try:
         main()
     except (ConversionError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        out = getattr(e, "out", None)
+        if out is None:
+            print("interrupted", file=sys.stderr)
+        else:
+            print(
+                f"interrupted; nothing was finished in {out} (partial files are removed by the "
+                "next run)",
+                file=sys.stderr,
+            )
+        return 130
     return 0

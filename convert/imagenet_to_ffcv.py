@@ -43,21 +43,24 @@ class SourceSplit:
     def __init__(self, source: common.SourceDataset, split: str, max_resolution: int) -> None:
         self.source, self.split, self.max_resolution = source, split, max_resolution
         self.labels = source.splits[split].labels
-        self.worker_ready = False
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        if not self.worker_ready:  # first call in this FFCV writer process
-            common._worker_init()
-            self.worker_ready = True
         path = self.source.path(self.split, i)
         try:
             image = common.load_rgb(path, self.max_resolution)
         except Exception as e:
             raise common.ConversionError(f"{path}: failed to decode while writing ({e})") from e
         return image, self.labels[i], i
+
+
+def _worker(work_fn, *args) -> None:
+    """An FFCV writer worker: Ctrl-C (which a terminal sends to every process of the group) is
+    left to the main process, which ends the workers; no traceback from each of them."""
+    common._worker_init()
+    work_fn(*args)
 
 
 def _make_writer_class():
@@ -96,7 +99,9 @@ def _make_writer_class():
             allocator = allocator_cls(self.fname, self.data_region_start, self.page_size)
             args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator)
             args += (done, allocations_queue, *extra_worker_args)
-            procs = [Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+            procs = [
+                Process(target=_worker, args=(work_fn, *args)) for _ in range(self.num_workers)
+            ]
             for p in procs:
                 p.start()
             try:

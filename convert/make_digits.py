@@ -15,8 +15,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+if __name__ == "__main__" and __package__ in (None, ""):
+    # `python convert/make_digits.py` puts convert/ first on sys.path; use the root instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from convert import common  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--size", type=int, default=32, help="side of the RGB images (32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     args = parser.parse_args(argv)
-    out = write_digits(args.out, args.size, seed=args.seed)
+    # The tree is written beside OUT (OUT.tmp), then renamed: OUT's folder must be writable.
+    problem = common.cannot_write(args.out.parent)
+    if problem is None and args.out.exists() and not (args.out / MARKER).is_file():
+        problem = "exists and was not written by make_digits.py; remove it or pass another --out"
+    if problem is not None:
+        raise common.ConversionError(f"--out {args.out}: {problem}")
+    try:
+        out = write_digits(args.out, args.size, seed=args.seed)
+    except KeyboardInterrupt as e:  # the next run removes OUT.tmp
+        raise common.Interrupted(args.out) from e
     n_train = len(list((out / "train").glob("*/*.png")))
     n_val = len(list((out / "val").glob("*/*.png")))
     log.info("digits: %d train + %d val images, 10 classes, in %s", n_train, n_val, out)
@@ -74,5 +89,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(0 if main() else 1)
+    sys.exit(common.run_cli(main))

@@ -4,8 +4,10 @@ so tests reuse one dataset and, where they can, one loader)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tarfile
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -74,3 +76,21 @@ def imagenet_tree(tmp_path_factory) -> Path:
     with tarfile.open(IMAGENET_TAR) as tar:
         tar.extractall(dest, filter="data")
     return dest / "imagenet-sample"
+
+
+@pytest.fixture
+def unwritable(monkeypatch):
+    """Makes a folder act as on a read-only mount for `convert.common.cannot_write`'s probe
+    (chmod does not stop root, and tests run as root): `unwritable(folder)`."""
+
+    def make(folder: Path) -> None:
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == folder:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+    return make

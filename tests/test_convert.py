@@ -627,3 +627,127 @@ def test_a_hand_edited_or_foreign_manifest_is_an_error_saying_to_reconvert(tmp_p
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps(good))
     assert load_manifest(tmp_path).num_classes == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# An output that cannot be written; Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+CONVERTER_SCRIPTS = ["convert/imagenet_to_ffcv.py", "convert/imagenet_to_dali.py"]
+
+
+@pytest.mark.parametrize("script", [*CONVERTER_SCRIPTS, "convert/make_digits.py"])
+def test_an_out_that_cannot_be_written_is_one_error_line_before_work(script, tmp_path):
+    """--out in /proc (nothing can be created there, even by root) or below a file: one
+    `error:` line naming --out and the path, status 2, before the source is even read (the
+    --src given does not exist)."""
+    (tmp_path / "file").write_text("")
+    digits = script == "convert/make_digits.py"  # checks OUT's folder: it writes OUT.tmp there
+    in_proc = "cannot write there (" if digits else "cannot create it in /proc ("
+    for out, says in (
+        (Path("/proc/suncet-test-out"), in_proc),
+        (tmp_path / "file" / "data", f"{tmp_path / 'file'} is a file, not a folder"),
+    ):
+        cmd = [sys.executable, script, "--out", str(out)]
+        if not digits:
+            cmd += ["--src", str(tmp_path / "no-such-tree")]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, (script, out, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --out {out}"), (script, lines)
+        assert says in lines[0], (script, lines)
+
+
+def test_a_read_only_out_fails_before_work_and_writes_nothing(tmp_path, unwritable):
+    src = small_tree(tmp_path / "tree", ("a", "b"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    unwritable(ro)
+    says = r"--out .*ro.*: cannot write there \(Read-only file system\)"
+    for module in (imagenet_to_dali, imagenet_to_ffcv):
+        with pytest.raises(common.ConversionError, match=says):
+            module.main(["--src", str(src), "--out", str(ro)])
+    # A folder still to be made: its nearest existing parent must allow creating it.
+    says = r"--out .*ro/new/data: cannot create it in .*ro \(Read-only file system\)"
+    with pytest.raises(common.ConversionError, match=says):
+        imagenet_to_dali.main(["--src", str(src), "--out", str(ro / "new" / "data")])
+    # make_digits.py writes OUT.tmp beside OUT, then renames it: OUT's folder is checked.
+    says = r"--out .*ro/digits: cannot write there \(Read-only file system\)"
+    with pytest.raises(common.ConversionError, match=says):
+        make_digits.main(["--out", str(ro / "digits")])
+    assert list(ro.iterdir()) == []  # no lock file, no probe left
+    assert common.cannot_write(tmp_path / "fine" / "new") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro", "tree"]
+
+
+SLOW_CONVERTER = """
+import runpy, sys, time
+from convert import common
+real = common.load_rgb
+def load_rgb(path, max_resolution):  # a slow decode, so Ctrl-C lands mid-conversion
+    time.sleep(0.5)
+    return real(path, max_resolution)
+common.load_rgb = load_rgb
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", CONVERTER_SCRIPTS, ids=["ffcv", "dali"])
+def test_ctrl_c_during_a_conversion_is_one_line_and_status_130(script, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the workers stay quiet, the
+    main process says one line, and what it says holds: no finished-looking file."""
+    import os
+    import signal
+    import time
+
+    src = small_tree(tmp_path / "tree", ("a", "b", "c"), per_class=4)
+    out = tmp_path / "data"
+    cmd = [sys.executable, "-c", SLOW_CONVERTER, script, "--src", str(src), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2"], cwd=ROOT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    # Writing has begun: FFCV's file is open under its temporary name; the DALI converter
+    # makes shards/ once validation is done.
+    started = out / ("train.beton.tmp" if "ffcv" in script else "shards")
+    deadline = time.monotonic() + 120
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted; nothing was finished in {out} (partial files are removed by the next run)"
+    )
+    assert finished_looking(out) == []
+    common.remove_stale_tmp(out)  # what the next run does first
+    assert list(out.rglob("*.tmp")) == []
+
+
+def sigint_ignored(_item=None) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_conversion_workers_leave_ctrl_c_to_the_main_process():
+    """A terminal's Ctrl-C reaches every worker too: each would print its own traceback
+    (racing the main process, which ends them), so workers ignore SIGINT."""
+    import multiprocessing
+
+    workers = common.parallel_map(sigint_ignored, list(range(4)), 2, "t", chunksize=1)
+    assert list(workers) == [True] * 4  # validation, and the DALI converter's encoders
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    writer = ctx.Process(  # an FFCV writer worker
+        target=imagenet_to_ffcv._worker, args=(lambda q: q.put(sigint_ignored()), queue)
+    )
+    writer.start()
+    assert queue.get(timeout=60) is True
+    writer.join(timeout=60)
+    assert not sigint_ignored()  # the main process still handles it

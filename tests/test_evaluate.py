@@ -178,6 +178,8 @@ def test_a_missing_or_unreadable_checkpoint_is_named_by_its_option(tiny_run, tmp
         ("finetune", ["--lr", "0"], "--lr"),
         ("finetune", ["--epochs", "0"], "--epochs"),
         ("finetune", ["--weight-decay", "-1"], "--weight-decay"),
+        ("finetune", ["--seed", "-1"], "--seed"),
+        ("finetune", ["--seed", str(2**63)], "--seed"),
     ],
 )
 def test_bad_evaluation_options_fail_before_work_naming_the_option(
@@ -198,6 +200,34 @@ def test_an_out_that_is_a_folder_or_below_a_file_fails_before_work(tiny_run, tmp
             err = capsys.readouterr().err
             assert f"--out {out}: " in err and says in err, (script, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no .tmp left
+
+
+def test_an_out_that_cannot_be_written_fails_before_work(
+    tiny_run, tmp_path, monkeypatch, capsys, unwritable
+):
+    """A read-only run folder (the default results file is written beside the checkpoint) or
+    an --out in /proc: one line naming --out and the path, status 2, before the checkpoint is
+    even read, not after a 30-epoch fine-tune whose results would then exist only on stdout."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((tiny_run / "checkpoint.pt").read_bytes())
+    unwritable(run)
+    for script in ("evaluate", "finetune"):
+        module = load_script(script)
+        monkeypatch.setattr(module, "load_run", lambda *a, **k: pytest.fail("work started"))
+        ckpt = ["--checkpoint", str(run / "checkpoint.pt")]
+        assert module.main(ckpt) == 2
+        err = capsys.readouterr().err
+        default = run / f"{'eval' if script == 'evaluate' else 'finetune'}-checkpoint.json"
+        assert err.startswith(f"error: --out {default} (the default, beside the checkpoint): ")
+        assert "cannot write there (Read-only file system); pass --out FILE" in err, err
+        assert len(err.splitlines()) == 1, err
+
+        out = Path("/proc/suncet-test-results.json")  # not even root creates files there
+        assert module.main([*ckpt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}: cannot write there ("), err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]  # no probe left
 
 
 def test_finetune_that_diverges_fails_naming_the_epoch_and_lr(tiny_run, tmp_path, capsys):
@@ -252,6 +282,27 @@ def test_a_relative_dataset_folder_of_the_run_asks_for_data(tmp_path, monkeypatc
     (tmp_path / "data" / "cifar10").mkdir(parents=True)  # run from the run's own folder
     assert evaluate.data_folder(argparse.Namespace(data=None), cfg) == "data/cifar10"
     assert evaluate.data_folder(argparse.Namespace(data="/d"), cfg) == "/d"
+
+
+def test_a_moved_absolute_dataset_folder_of_the_run_asks_for_data(tmp_path, capsys):
+    """The run's data folder (an absolute path in its config) moved away: say so, naming it,
+    and ask for --data; not "convert ... first"."""
+    from model.encoder import build_model
+    from runner import config as rc
+    from runner.checkpoint import save_checkpoint
+
+    gone = tmp_path / "moved-away"
+    cfg = tiny_config(gone)
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path, model=model, optimizer=opt, scaler=None, epoch=1, step=3,
+                    config=rc.to_dict(cfg))  # fmt: skip
+    for script in ("evaluate", "finetune"):
+        assert load_script(script).main(["--checkpoint", str(tmp_path / "checkpoint.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: the run's dataset folder {gone} ") and err.count("\n") == 1
+        assert "does not exist" in err and "pass --data DIR" in err, (script, err)
+        assert "convert" not in err, (script, err)
 
 
 def test_a_split_missing_classes_is_warned_about(tiny_run, cifar_dataset, tmp_path, caplog):

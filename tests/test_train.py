@@ -126,15 +126,19 @@ def test_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
         assert f"--out {bad}:" in err and "Traceback" not in err
 
 
-def test_out_that_cannot_be_written_is_one_error_line_before_any_work(tmp_path, capsys):
-    """/proc stands for a read-only mount (chmod does not stop root): train.py, --benchmark
-    (which writes benchmark.json at the end) and a resume are refused before any work."""
-    for extra in ([], ["--benchmark"], ["--resume"]):
+def test_out_that_cannot_be_written_is_one_error_line_before_any_work(tmp_path, capsys, unwritable):
+    """/proc, and a run folder as on a read-only mount: train.py, --benchmark (which writes
+    benchmark.json at the end) and a resume are refused before any work."""
+    for extra in ([], ["--benchmark"]):
         assert run_main(Path("/proc"), "--epochs", "1", *extra) == 2
         err = capsys.readouterr().err
-        assert "Traceback" not in err, err
-        if extra != ["--resume"]:  # (a resume first misses /proc/config.json)
-            assert "error: --out /proc: cannot write there (" in err, err
+        assert "error: --out /proc: cannot write there (" in err and "Traceback" not in err, err
+    out = tmp_path / "run"
+    assert run_main(out, "--epochs", "1") == 0
+    unwritable(out)
+    assert run_main(out, "--epochs", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {out}: cannot write there (Read-only file system)" in err, err
 
 
 def test_a_write_failing_at_the_start_of_a_run_is_one_error_line(tmp_path, capsys, monkeypatch):
