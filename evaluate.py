@@ -203,11 +203,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
 
 
-def write_json(record: dict, path: Path) -> Path:
-    from runner.metrics import write_json as write
+def save_results(record: dict, path: Path) -> int:
+    """Writes the results file (its folder was checked before the work, `check_common`); a
+    write that fails even so (a full disk) is one error line, status 1, the results standing
+    printed above it."""
+    from runner.metrics import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write(path, record)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"results: {write_json(path, record)}")
+    except OSError as e:
+        print(f"error: results not written to {path} ({e.strerror or e}); they are printed "
+              "above", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, accs in record["results"].items():
         line = "  ".join(f"{k} {v:.2f}" for k, v in accs.items())
         print(f"{name:8s} | {line}")
-    print(f"results: {write_json(record, out)}")
-    return 0
+    return save_results(record, out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from evaluate import (
     labeled_indices,
     load_run,
     out_path,
-    write_json,
+    save_results,
 )
 from runner.metrics import count
 
@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fine-tuned {epochs} on {record['n_labeled']} labeled images")
     print(f"labeled (fit) | top1 {fit['top1']:.2f}  top5 {fit['top5']:.2f}")
     print(f"val           | top1 {val['top1']:.2f}  top5 {val['top5']:.2f}")
-    print(f"results: {write_json(record, out)}")
-    return 0
+    return save_results(record, out)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,22 @@ def test_evaluate_command_writes_snn_and_knn_top1_top5(tiny_run, cifar_dataset, 
     assert "snn_top1" in capsys.readouterr().out
 
 
+def test_results_a_full_disk_refuses_are_said_not_written(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import runner.metrics
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner.metrics, "write_json", full)
+    record = {"n_labeled": 1, "results": {"backbone": {"snn_top1": 50.0}}}
+    assert load_script("evaluate").save_results(record, tmp_path / "eval.json") == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: results not written to {tmp_path / 'eval.json'} (No space left on "
+                   "device); they are printed above\n")  # fmt: skip
+
+
 def test_evaluate_gives_full_accuracy_when_the_bank_holds_the_queries(tiny_run, cifar_dataset):
     """Labeled set = every val image's twin: with the val split as its own bank, each query's
     nearest neighbour is itself, so kNN top-1 (k=1) is 100% through the whole command path."""
