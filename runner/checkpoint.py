@@ -68,11 +68,12 @@ def _failure(path: Path, e: OSError) -> CheckpointError:
     )
 
 
-def os_error_in(e: BaseException) -> OSError | None:
-    """The OSError behind `e`, if any: torch.save's writer turns a failed write (a full disk)
-    into a RuntimeError ("unexpected pos ...") raised while the OSError is handled."""
+def cause_in(e: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The exception of `kind` behind `e`, if any: torch.save's writer turns whatever stopped
+    a write (a full disk's OSError, Ctrl-C, SIGTERM) into a RuntimeError ("unexpected pos
+    ...") raised while that exception is handled."""
     while e is not None:
-        if isinstance(e, OSError):
+        if isinstance(e, kind):
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -94,7 +95,10 @@ def atomic_save(obj: dict, path: str | Path) -> Path:
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or Ctrl-C / SIGTERM in mid-write
         tmp.unlink(missing_ok=True)
-        cause = os_error_in(e)
+        interrupt = cause_in(e, KeyboardInterrupt)
+        if interrupt is not None:
+            raise interrupt from None  # Ctrl-C / SIGTERM, as the caller handles them
+        cause = cause_in(e, OSError)
         if cause is not None:
             raise _failure(path, cause) from e
         raise

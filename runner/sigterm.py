@@ -5,7 +5,10 @@ preemption. Python runs a signal handler only between two bytecodes of the main 
 main thread blocked in one long C call (a collective waiting for a rank that died, a CUDA
 synchronize) would not see it until the call returned, and would be killed (SIGKILL) when the
 sender's grace period ended, without a word. A watcher thread, woken through Python's signal
-wakeup file descriptor, ends such a process itself after `grace` seconds (status 143).
+wakeup file descriptor, ends such a process itself after `grace` seconds (status 143). It
+also ends one that took the signal but has not ended `stop_within` seconds later: a
+Terminated raised inside a `__del__` or a generator's cleanup is printed ("Exception ignored")
+and dropped, and such a process would go on, deaf to further SIGTERMs.
 A forked child (a DataLoader worker) drops the wakeup descriptor it inherits, so that a
 signal to the child is never taken for one to this process.
 """
@@ -16,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 STATUS = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
@@ -45,13 +49,20 @@ class SigtermGuard:
     Args:
         grace: seconds the main thread has to take the signal before the watcher ends the
             process.
+        stop_within: seconds, once it took the signal, before the watcher ends it anyway.
         last_checkpoint: what to name as the last checkpoint if the watcher has to end it.
     """
 
-    def __init__(self, grace: float = 15.0, last_checkpoint: Callable[[], str] | None = None):
-        self.grace = grace
+    def __init__(
+        self,
+        grace: float = 15.0,
+        stop_within: float = 60.0,
+        last_checkpoint: Callable[[], str] | None = None,
+    ):
+        self.grace, self.stop_within = grace, stop_within
         self.last_checkpoint = last_checkpoint or (lambda: "none yet")
         self.taken = threading.Event()  # the main thread ran the handler
+        self._done = threading.Event()  # uninstalled: the program is ending by itself
         self._previous = None
         self._old_fd = -1
         self._pipe: tuple[int, int] | None = None
@@ -81,6 +92,7 @@ class SigtermGuard:
         signal.set_wakeup_fd(self._old_fd)
         global _installed
         _installed -= 1
+        self._done.set()
         r, w = self._pipe
         os.set_blocking(w, True)
         os.write(w, b"\0")  # wakes the watcher, which ends
@@ -101,14 +113,33 @@ class SigtermGuard:
             data = os.read(r, 64)  # one byte per signal Python caught: its number
             if not data or 0 in data:
                 return
-            if signal.SIGTERM in data and not self.taken.wait(self.grace):
-                self._end()
+            if signal.SIGTERM not in data:
+                continue
+            if not self._wait(self.taken, self.grace):
+                self._end(
+                    f"the main thread did not take it within {self.grace:g} s (blocked in a "
+                    "call, e.g. a collective waiting for a rank that stopped)"
+                )
+            if not self._wait(self._done, self.stop_within):
+                self._end(
+                    f"the run did not end within {self.stop_within:g} s of taking it (the "
+                    "signal was lost in a cleanup)"
+                )
+            return
 
-    def _end(self) -> None:
+    def _wait(self, event: threading.Event, timeout: float) -> bool:
+        """True once `event` is set, or the program ends by itself, within `timeout`."""
+        end = time.monotonic() + timeout
+        while not (event.is_set() or self._done.is_set()):
+            if time.monotonic() > end:
+                return False
+            self._done.wait(0.05)
+        return True
+
+    def _end(self, why: str) -> None:
         sys.stderr.write(
-            f"terminated (SIGTERM): the main thread did not stop within {self.grace:g} s "
-            "(blocked in a call, e.g. a collective waiting for a rank that stopped); ending "
-            f"now; last checkpoint: {self.last_checkpoint()}; rerun with --resume to continue\n"
+            f"terminated (SIGTERM): {why}; ending now; last checkpoint: "
+            f"{self.last_checkpoint()}; rerun with --resume to continue\n"
         )
         sys.stderr.flush()
         os._exit(STATUS)

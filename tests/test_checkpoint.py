@@ -117,6 +117,28 @@ def test_a_real_torch_save_onto_a_full_disk_keeps_the_previous_checkpoint(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_ctrl_c_or_sigterm_in_mid_write_stays_an_interruption(tmp_path, monkeypatch):
+    """torch.save wraps the KeyboardInterrupt (or Terminated) that stopped its write in a
+    RuntimeError: the caller still sees the interruption, and the previous file stands."""
+    from runner.sigterm import Terminated
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save(tiny_state(1.0), path)
+    for stop in (KeyboardInterrupt, Terminated):
+
+        class Stopped(FullDisk):
+            def write(self, b, stop=stop) -> int:
+                if len(b) > self.room:
+                    raise stop()
+                return super().write(b)
+
+        monkeypatch.setattr(ckpt, "_write", lambda obj, f: torch.save(obj, Stopped(f, 4096)))
+        with pytest.raises(stop):
+            ckpt.atomic_save({"model": {"w": torch.zeros(100_000)}}, path)
+        assert torch.load(path)["epoch"] == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_a_checkpoint_damaged_in_place_is_refused_naming_it(tmp_path):
     """Bytes zeroed inside a checkpoint load silently with torch.load (wrong weights); the
     zip records' CRC-32 finds them."""
