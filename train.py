@@ -38,6 +38,7 @@ from runner.distributed import (
     cleanup,
     env_world,
     init_distributed,
+    lost_peer,
     wrap_model,
 )
 from runner.sigterm import STATUS as SIGTERM_STATUS
@@ -686,6 +687,19 @@ def report_setup_error(e: Exception) -> None:
         sys.stderr.flush()
 
 
+def report_lost_peer(e: RuntimeError, kept: str) -> None:
+    """One line from each rank that saw the group fail (any rank may be the one that
+    stopped, so each says what it saw; the one that stopped said why, or was killed)."""
+    rank, world, _ = env_world()
+    first = (str(e).splitlines() or [""])[0]
+    mark = f"[rank {rank}] " if rank != 0 else ""
+    sys.stderr.write(
+        f"{mark}error: lost the other ranks ({first}): one of them stopped, and its own lines "
+        f"say why; last checkpoint: {kept}; rerun with --resume once it is fixed\n"
+    )
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the program; returns the exit status (0 done, 1 stopped, 2 bad settings, 130
     interrupted, 143 terminated)."""
@@ -695,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     guard = SigtermGuard()  # SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt
     guard.install()
+    stage = "before the first step"
     try:
         try:
             from runner.benchmark import check_args
@@ -706,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
         if args.benchmark is not None:
+            stage = "during the benchmark (no benchmark.json written)"
             return benchmark(args, trainer, pipeline, sys.argv[1:] if argv is None else argv)
 
         # 6. Train; the run folder is printed however the run ends.
@@ -727,6 +743,12 @@ def main(argv: list[str] | None = None) -> int:
             kept = trainer.last_checkpoint or "none"
             log.error("error: %s; last checkpoint: %s; fix it and rerun with --resume", e, kept)
             status = 1
+        except RuntimeError as e:  # another rank stopped, and this one's collective failed
+            if not lost_peer(e):
+                raise
+            latest = trainer.run_dir / ckpt.LATEST  # written, if this rank was at the barrier
+            report_lost_peer(e, trainer.last_checkpoint or (latest if latest.is_file() else "none"))
+            status = 1
         finally:
             pipeline.close()
         if trainer.info.is_main:
@@ -735,8 +757,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # before training: nothing to keep
         what, status = stop_line(e)
         if env_world()[0] == 0:
-            print(f"{what} before the first step", file=sys.stderr)
+            print(f"{what} {stage}", file=sys.stderr)
         return status
+    except RuntimeError as e:  # another rank stopped during setup (the DDP wrap's broadcast)
+        if not lost_peer(e):
+            raise
+        report_lost_peer(e, "unchanged by this start")
+        return 1
     finally:
         guard.uninstall()
         unlock_run_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -121,6 +122,22 @@ def agree(step: Callable[[], T], info: DistInfo, errors: tuple[type[BaseExceptio
     if any(m is not None for m in messages):
         raise RanksFailed(messages, info.rank) from problem
     return result
+
+
+# What a collective raises when the group breaks: torch's DistError family (NCCL), or Gloo's
+# RuntimeError naming its transport ("[.../gloo/transport/tcp/pair.cc:561] Connection closed
+# by peer ... typically caused by a remote worker crashing").
+_GROUP_FAILURE = re.compile(r"gloo|nccl|ProcessGroup|c10d|Connection (closed|reset)", re.I)
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is the process group failing (a rank that stopped, the network, a
+    collective that timed out) rather than an error of this rank's own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and bool(_GROUP_FAILURE.search(str(e)))
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -415,6 +415,57 @@ def test_non_finite_losses_under_torchrun_stop_every_rank_with_one_line(tmp_path
     )
 
 
+def rank_pid(rank: int, launcher: int) -> int | None:
+    """The pid of torchrun's worker `rank` (a process whose environment holds RANK=rank and
+    whose parent's parent is the launcher)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            b"train.py" in cmdline
+            and b"torch.distributed.run" not in cmdline
+            and (f"RANK={rank}".encode() in env and f"TORCHELASTIC_AGENT_PID={launcher}".encode())
+        ):
+            return int(pid)
+    return None
+
+
+def test_a_rank_killed_mid_run_leaves_the_others_one_line_each_not_a_traceback(tmp_path):
+    """kill -9 of rank 0: rank 1's next collective fails (Gloo: "Connection closed by peer")
+    before torchrun's SIGTERM reaches it; it says so in one line, or ends quietly on the
+    SIGTERM, never with a traceback through train.py."""
+    import signal
+    import time
+
+    from test_train import TINY
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), "train.py", *TINY, "--epochs", "500", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        pid = rank_pid(0, proc.pid)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        printed, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert 'train.py", line' not in printed, printed[-4000:]
+    said = [x for x in printed.splitlines() if x.startswith("[rank 1] ")]
+    assert all(x.startswith("[rank 1] error: lost the other ranks (") for x in said), said
+    assert all("last checkpoint: " in x for x in said), said
+
+
 def test_a_failed_check_is_said_by_rank_0_and_by_a_rank_whose_error_differs():
     from runner.distributed import RanksFailed
 

@@ -171,6 +171,19 @@ def test_ctrl_c_during_training_is_one_line_naming_the_last_checkpoint(
     assert "Traceback" not in log + capsys.readouterr().err
 
 
+def test_sigterm_during_a_benchmark_says_so(tmp_path, capsys, monkeypatch):
+    import runner.benchmark
+    from runner.sigterm import Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated
+
+    monkeypatch.setattr(runner.benchmark, "run_benchmark", terminated)
+    assert run_main(tmp_path / "run", "--benchmark") == 143
+    err = capsys.readouterr().err
+    assert err == "terminated (SIGTERM) during the benchmark (no benchmark.json written)\n", err
+
+
 def test_force_replaces_the_previous_run(tmp_path):
     out = tmp_path / "run"
     assert run_main(out, "--epochs", "1", "--checkpoint-every", "1") == 0
