@@ -229,12 +229,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from runner.checkpoint import CheckpointError
+    from runner.sigterm import SigtermGuard, stop_line
 
+    guard = SigtermGuard()  # SIGTERM is handled as Ctrl-C is
+    guard.install()
     try:
         record = evaluate(args)
     except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        what, status = stop_line(e)
+        print(f"{what}; no results written", file=sys.stderr)
+        return status
+    finally:
+        guard.uninstall()
 
     print(f"{record['n_labeled']} labeled, {record['n_val']} val images")
     for name, accs in record["results"].items():

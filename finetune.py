@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from runner.checkpoint import CheckpointError
+    from runner.sigterm import SigtermGuard, stop_line
 
+    guard = SigtermGuard()  # SIGTERM is handled as Ctrl-C is
+    guard.install()
     try:
         record = finetune(args)
     except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
@@ -216,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        what, status = stop_line(e)
+        print(f"{what}; no results written", file=sys.stderr)
+        return status
+    finally:
+        guard.uninstall()
 
     fit, val = record["labeled"], record["val"]
     epochs = count(args.epochs, "epoch")

@@ -41,8 +41,7 @@ from runner.distributed import (
     lost_peer,
     wrap_model,
 )
-from runner.sigterm import STATUS as SIGTERM_STATUS
-from runner.sigterm import SigtermGuard, Terminated
+from runner.sigterm import SigtermGuard, stop_line
 
 log = logging.getLogger("train")
 
@@ -351,6 +350,11 @@ def choose_labels(cfg: rc.TrainConfig, run_dir: Path, resume: bool) -> Labels:
     from convert.manifest import load_manifest
     from convert.splits import resolve_split
 
+    if resume and not Path(d.data).is_dir():
+        raise rc.ConfigError(
+            f"--data {d.data}: no such folder (the run's dataset); if it has moved, pass "
+            "--data DIR where it is now"
+        )
     manifest = load_manifest(d.data)
     if resume:
         check_same_dataset(run_dir, manifest, d.data)
@@ -662,13 +666,6 @@ def benchmark(args: argparse.Namespace, trainer, pipeline, argv: list[str]) -> i
     return 0
 
 
-def stop_line(e: KeyboardInterrupt) -> tuple[str, int]:
-    """How an interruption is named, and the exit status it gives."""
-    if isinstance(e, Terminated):
-        return "terminated (SIGTERM)", SIGTERM_STATUS
-    return "interrupted", 130
-
-
 def report_setup_error(e: Exception) -> None:
     """One `error:` line on stderr. Under torchrun an error of the checks the ranks agree on
     (stage 3) is said once, by rank 0, and by another rank only where its own differs; rank 0
@@ -707,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     from runner.loop import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
-    guard = SigtermGuard()  # SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt
+    guard = SigtermGuard(last_checkpoint=lambda: "none yet")  # SIGTERM raises Terminated
     guard.install()
     stage = "before the first step"
     try:

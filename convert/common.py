@@ -50,6 +50,14 @@ class ConversionError(RuntimeError):
     """A conversion that cannot go on; the message names the file or folder at fault."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in the main process of a converter (`run_cli`): handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C while writing `out`: still a KeyboardInterrupt for callers, with the folder named.
 
@@ -308,9 +316,11 @@ def _worker_init() -> None:
     """Runs in each worker process: parallelism is across processes; OpenCV's pool contends.
 
     Ctrl-C in a terminal reaches every process of the group: a worker ignores it (no traceback
-    of its own); the main process handles it and ends the workers.
+    of its own); the main process handles it and ends the workers, with SIGTERM, which ends a
+    worker at once (not through the main process's handler, inherited by a fork).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cv2.setNumThreads(1)
 
 
@@ -473,6 +483,8 @@ def cannot_write(folder: str | os.PathLike) -> str | None:
     existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
     if existing is None:
         return "cannot write there (no part of the path exists)"
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{existing} is a broken symbolic link (to {os.readlink(existing)})"
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder"
     try:
@@ -695,22 +707,22 @@ def setup_logging() -> None:
 
 def run_cli(main: Callable[[], object]) -> int:
     """Runs a converter's `main` as a program: bad input is one `error: ...` line, status 2;
-    Ctrl-C is one line, status 130."""
+    Ctrl-C is one line, status 130, and SIGTERM (a scheduler, `kill`) the same, status 143."""
     setup_logging()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main()
     except (ConversionError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated) or isinstance(e.__cause__, Terminated)
+        what = "terminated (SIGTERM)" if term else "interrupted"
         out = getattr(e, "out", None)
-        if out is None:
-            print("interrupted", file=sys.stderr)
-        else:
-            print(
-                f"interrupted; nothing was finished in {out} (partial files are removed by the "
-                "next run)",
-                file=sys.stderr,
-            )
-        return 130
+        if out is not None:
+            what += f"; nothing was finished in {out} (partial files are removed by the next run)"
+        print(what, file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0

@@ -144,7 +144,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
         )
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ManifestError(
             f"{path}: corrupt manifest ({e}); reconvert with `python convert/imagenet_to_ffcv.py "
             f"--src TREE --out {data_dir}`"

@@ -45,8 +45,12 @@ def read_split_file(path: str | os.PathLike, option: str = "--labels") -> list[s
             else f"pass {option} the path of an existing split file"
         )
         raise SplitError(f"{option} {path}: split file not found; {hint}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SplitError(f"{option} {path}: not a UTF-8 text file of file names ({e})") from e
     names = []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             names.append(line)

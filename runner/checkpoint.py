@@ -58,8 +58,11 @@ def _write(obj: dict, f) -> None:
     torch.save(obj, f)
 
 
-def _failure(path: Path, e: OSError) -> CheckpointError:
-    survivor = f"the previous {path.name} is intact" if path.exists() else "no earlier one exists"
+def _failure(path: Path, e: OSError, survivor: str | None = None) -> CheckpointError:
+    if survivor is None:
+        survivor = (
+            f"the previous {path.name} is intact" if path.exists() else "no earlier one exists"
+        )
     full = e.errno == errno.ENOSPC
     todo = "free some space" if full else "fix the cause"
     return CheckpointError(
@@ -108,7 +111,7 @@ def atomic_save(obj: dict, path: str | Path) -> Path:
 
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:
     """Copies a finished checkpoint to another name, atomically."""
-    dst = Path(dst)
+    src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         shutil.copyfile(src, tmp)
@@ -118,7 +121,7 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
     except BaseException as e:  # a full disk, or Ctrl-C / SIGTERM in mid-write
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise _failure(dst, e) from e
+            raise _failure(dst, e, f"{src} (the same state) is complete") from e
         raise
     return dst
 

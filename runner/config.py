@@ -137,7 +137,7 @@ def read_preset(path: str | Path) -> dict:
     with open(path, "rb") as f:
         try:
             table = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"--config: {path} is not valid TOML ({e})") from e
     return table
 
@@ -160,7 +160,7 @@ def load_json(path: str | Path) -> TrainConfig:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise ConfigError(f"--resume: cannot read the saved config {path} ({e})") from e
     return from_dict(d, str(path))
 

@@ -42,6 +42,13 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread by SIGTERM; handled as Ctrl-C is, with status 143."""
 
 
+def stop_line(e: KeyboardInterrupt) -> tuple[str, int]:
+    """How an interruption is named, and the exit status it gives (SIGTERM 143, Ctrl-C 130)."""
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)", STATUS
+    return "interrupted", 130
+
+
 class SigtermGuard:
     """Installs the handler and its watcher (`install`), and puts back what was there
     (`uninstall`). Only the main thread can install it; an inherited SIG_IGN is respected.
@@ -50,7 +57,8 @@ class SigtermGuard:
         grace: seconds the main thread has to take the signal before the watcher ends the
             process.
         stop_within: seconds, once it took the signal, before the watcher ends it anyway.
-        last_checkpoint: what to name as the last checkpoint if the watcher has to end it.
+        last_checkpoint: what to name as the last checkpoint if the watcher has to end it (a
+            trainer's; None for a program that keeps none).
     """
 
     def __init__(
@@ -60,7 +68,7 @@ class SigtermGuard:
         last_checkpoint: Callable[[], str] | None = None,
     ):
         self.grace, self.stop_within = grace, stop_within
-        self.last_checkpoint = last_checkpoint or (lambda: "none yet")
+        self.last_checkpoint = last_checkpoint
         self.taken = threading.Event()  # the main thread ran the handler
         self._done = threading.Event()  # uninstalled: the program is ending by itself
         self._previous = None
@@ -137,9 +145,9 @@ class SigtermGuard:
         return True
 
     def _end(self, why: str) -> None:
-        sys.stderr.write(
-            f"terminated (SIGTERM): {why}; ending now; last checkpoint: "
-            f"{self.last_checkpoint()}; rerun with --resume to continue\n"
-        )
+        kept = ""
+        if self.last_checkpoint is not None:
+            kept = f"; last checkpoint: {self.last_checkpoint()}; rerun with --resume to continue"
+        sys.stderr.write(f"terminated (SIGTERM): {why}; ending now{kept}\n")
         sys.stderr.flush()
         os._exit(STATUS)

@@ -139,6 +139,22 @@ def test_ctrl_c_or_sigterm_in_mid_write_stays_an_interruption(tmp_path, monkeypa
         assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_full_disk_while_keeping_a_copy_says_the_checkpoint_itself_is_complete(
+    tmp_path, monkeypatch
+):
+    path = ckpt.atomic_save(tiny_state(1.0), tmp_path / "checkpoint.pt")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.shutil, "copyfile", full)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.atomic_copy(path, tmp_path / ckpt.periodic_name(1))
+    assert f"(disk full): [Errno 28] No space left on device; {path} (the same state) is " in (
+        str(err.value)
+    )
+
+
 def test_a_checkpoint_damaged_in_place_is_refused_naming_it(tmp_path):
     """Bytes zeroed inside a checkpoint load silently with torch.load (wrong weights); the
     zip records' CRC-32 finds them."""

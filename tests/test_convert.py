@@ -677,6 +677,11 @@ def test_a_read_only_out_fails_before_work_and_writes_nothing(tmp_path, unwritab
         make_digits.main(["--out", str(ro / "digits")])
     assert list(ro.iterdir()) == []  # no lock file, no probe left
     assert common.cannot_write(tmp_path / "fine" / "new") is None
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    assert common.cannot_write(tmp_path / "link") == (
+        f"{tmp_path / 'link'} is a broken symbolic link (to {tmp_path / 'gone'})"
+    )
+    (tmp_path / "link").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ro", "tree"]
 
 
@@ -694,9 +699,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.parametrize("script", CONVERTER_SCRIPTS, ids=["ffcv", "dali"])
-def test_ctrl_c_during_a_conversion_is_one_line_and_status_130(script, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C: the workers stay quiet, the
-    main process says one line, and what it says holds: no finished-looking file."""
+@pytest.mark.parametrize(
+    "how, status, what",
+    [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_or_sigterm_during_a_conversion_is_one_line(script, how, status, what, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C, or SIGTERM to the main
+    process alone, as `kill` or a scheduler sends it: the workers stay quiet, the main process
+    says one line, and what it says holds: no finished-looking file."""
     import os
     import signal
     import time
@@ -716,13 +726,16 @@ def test_ctrl_c_during_a_conversion_is_one_line_and_status_130(script, tmp_path)
         time.sleep(0.05)
     time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
 
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == (
-        f"interrupted; nothing was finished in {out} (partial files are removed by the next run)"
+        f"{what}; nothing was finished in {out} (partial files are removed by the next run)"
     )
     assert finished_looking(out) == []
     common.remove_stale_tmp(out)  # what the next run does first

@@ -342,3 +342,22 @@ def test_a_split_missing_classes_is_warned_about(tiny_run, cifar_dataset, tmp_pa
     assert "holds 2 of the 10 classes: val images of the others are never right (the new head" in (
         caplog.text
     )
+
+
+def test_ctrl_c_or_sigterm_during_evaluation_or_finetuning_is_one_line(
+    tiny_run, monkeypatch, capsys
+):
+    from runner.sigterm import Terminated
+
+    for script, work in (("evaluate", "evaluate"), ("finetune", "finetune")):
+        module = load_script(script)
+        for stop, status, what in ((KeyboardInterrupt, 130, "interrupted"),
+                                   (Terminated, 143, "terminated (SIGTERM)")):  # fmt: skip
+
+            def stopped(args, stop=stop):
+                raise stop()
+
+            monkeypatch.setattr(module, work, stopped)
+            args = ["--checkpoint", str(tiny_run / "checkpoint.pt")]
+            assert module.main(args) == status, script
+            assert capsys.readouterr().err == f"{what}; no results written\n", script

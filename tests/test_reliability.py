@@ -239,15 +239,24 @@ def test_split_file_naming_a_missing_image_stops_train_py(cifar_dataset, tmp_pat
     assert not (out / "checkpoint.pt").exists()
 
 
-def test_resume_with_data_of_another_dataset_is_refused_before_its_split_is_read(
+def test_resume_with_data_moved_or_of_another_dataset_says_which(
     cifar_dataset, cifar_tree, tmp_path, capsys
 ):
-    """The run's own labels.txt names files the other dataset lacks: the dataset check comes
-    first, so the error says what is wrong (not that the run's split file needs editing)."""
+    """Moved: a resume without --data names the missing folder and asks for --data, and goes
+    on with it. Another dataset, whose files the run's own labels.txt names are not in: the
+    dataset check comes first, so the error says what is wrong (not to edit labels.txt)."""
     from convert import imagenet_to_ffcv
 
-    out = tmp_path / "run"
-    assert train_real(cifar_dataset, out, "--epochs", "1") == 0
+    out, first = tmp_path / "run", copy_dataset(cifar_dataset, tmp_path / "data")
+    assert train_real(first, out, "--epochs", "1") == 0
+    moved = first.rename(tmp_path / "moved")
+    resume = [*REAL, "--pipeline", "ffcv", "--out", str(out), "--resume", "--epochs", "2"]
+    capsys.readouterr()
+    assert load_train().main(resume) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (f"error: --data {first}: no such folder (the run's dataset); if it has "
+                    "moved, pass --data DIR where it is now")  # fmt: skip
+    assert load_train().main([*resume, "--data", str(moved)]) == 0
     other = tmp_path / "other-tree" / "train"
     for folder in sorted((cifar_tree / "train").iterdir()):
         (other / folder.name).mkdir(parents=True)
@@ -258,7 +267,7 @@ def test_resume_with_data_of_another_dataset_is_refused_before_its_split_is_read
         ["--src", str(other.parent), "--out", str(data), "--max-resolution", "32"]
     )
     capsys.readouterr()
-    assert train_real(data, out, "--epochs", "2", "--resume") == 2
+    assert train_real(data, out, "--epochs", "3", "--resume") == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: --data {data}: not the dataset the run in {out} started on")
     assert "(200 training images in 10 classes, against 600 in 10" in line, line

@@ -167,3 +167,25 @@ def test_a_draw_that_keeps_far_more_than_its_fraction_says_so(caplog):
     assert "so it labels 10 of the 30 images (33.3%), not 10pct" in caplog.text
     with pytest.raises(SplitError, match=r"^--labels 0pct: the fraction must be in \(0, 100\]%"):
         resolve_split(manifest, "0pct")
+
+
+def test_files_that_are_not_utf8_are_named(tmp_path):
+    """A split file, manifest, saved config or preset with a stray 0xff byte: an error naming
+    the file, not a bare codec message."""
+    from convert.manifest import ManifestError, load_manifest
+    from convert.splits import SplitError, read_split_file
+    from runner import config as rc
+
+    bad = b"\xffn01440764_10026.JPEG\n"
+    (tmp_path / "split.txt").write_bytes(bad)
+    with pytest.raises(SplitError, match=r"--labels .*split\.txt: not a UTF-8 text file"):
+        read_split_file(tmp_path / "split.txt")
+    (tmp_path / "manifest.json").write_bytes(bad)
+    with pytest.raises(ManifestError, match=r"manifest\.json: corrupt manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "config.json").write_bytes(bad)
+    with pytest.raises(rc.ConfigError, match=r"cannot read the saved config .*config\.json"):
+        rc.load_json(tmp_path / "config.json")
+    (tmp_path / "preset.toml").write_bytes(bad)
+    with pytest.raises(rc.ConfigError, match=r"--config: .*preset\.toml is not valid TOML"):
+        rc.read_preset(tmp_path / "preset.toml")
