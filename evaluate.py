@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,30 @@ def save_results(record: dict, path: Path) -> int:
     return 0
 
 
+def run_work(work: Callable[[], dict], failures: tuple[type[Exception], ...] = ()) -> dict | int:
+    """The record `work` returns, or, after one line on stderr, the exit status: 2 for bad
+    settings or input, 1 for `failures`, 130 / 143 for Ctrl-C / SIGTERM (handled alike)."""
+    from runner.checkpoint import CheckpointError
+    from runner.sigterm import SigtermGuard, stop_line
+
+    guard = SigtermGuard()
+    guard.install()
+    try:
+        return work()
+    except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        what, status = stop_line(e)
+        print(f"{what}; no results written", file=sys.stderr)
+        return status
+    finally:
+        guard.uninstall()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation; returns the exit status (0 done, 2 bad settings or input)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -228,22 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from runner.checkpoint import CheckpointError
-    from runner.sigterm import SigtermGuard, stop_line
-
-    guard = SigtermGuard()  # SIGTERM is handled as Ctrl-C is
-    guard.install()
-    try:
-        record = evaluate(args)
-    except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        what, status = stop_line(e)
-        print(f"{what}; no results written", file=sys.stderr)
-        return status
-    finally:
-        guard.uninstall()
+    record = run_work(lambda: evaluate(args))
+    if isinstance(record, int):
+        return record
 
     print(f"{record['n_labeled']} labeled, {record['n_val']} val images")
     for name, accs in record["results"].items():

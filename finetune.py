@@ -32,6 +32,7 @@ from evaluate import (
     labeled_indices,
     load_run,
     out_path,
+    run_work,
     save_results,
 )
 from runner.metrics import count
@@ -206,25 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from runner.checkpoint import CheckpointError
-    from runner.sigterm import SigtermGuard, stop_line
-
-    guard = SigtermGuard()  # SIGTERM is handled as Ctrl-C is
-    guard.install()
-    try:
-        record = finetune(args)
-    except (ValueError, CheckpointError) as e:  # config, manifest, pipeline, split, checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        what, status = stop_line(e)
-        print(f"{what}; no results written", file=sys.stderr)
-        return status
-    finally:
-        guard.uninstall()
+    record = run_work(lambda: finetune(args), failures=(DivergedError,))
+    if isinstance(record, int):
+        return record
 
     fit, val = record["labeled"], record["val"]
     epochs = count(args.epochs, "epoch")
