@@ -684,17 +684,14 @@ def report_setup_error(e: Exception) -> None:
         sys.stderr.flush()
 
 
-def report_lost_peer(e: RuntimeError, kept: str) -> None:
-    """One line from each rank that saw the group fail (any rank may be the one that
-    stopped, so each says what it saw; the one that stopped said why, or was killed)."""
-    rank, world, _ = env_world()
+def lost_peer_line(e: RuntimeError, kept: str) -> str:
+    """What each rank that saw the group fail says (any rank may be the one that stopped, so
+    each says what it saw; the one that stopped said why, or was killed)."""
     first = (str(e).splitlines() or [""])[0]
-    mark = f"[rank {rank}] " if rank != 0 else ""
-    sys.stderr.write(
-        f"{mark}error: lost the other ranks ({first}): one of them stopped, and its own lines "
-        f"say why; last checkpoint: {kept}; rerun with --resume once it is fixed\n"
+    return (
+        f"error: lost the other ranks ({first}): one of them stopped, and its own lines say "
+        f"why; last checkpoint: {kept}; rerun with --resume once it is fixed"
     )
-    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -744,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             if not lost_peer(e):
                 raise
             latest = trainer.run_dir / ckpt.LATEST  # written, if this rank was at the barrier
-            report_lost_peer(e, trainer.last_checkpoint or (latest if latest.is_file() else "none"))
+            kept = trainer.last_checkpoint or (latest if latest.is_file() else "none")
+            log.error(lost_peer_line(e, kept))  # marked with the rank; in train.log on rank 0
             status = 1
         finally:
             pipeline.close()
@@ -759,7 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # another rank stopped during setup (the DDP wrap's broadcast)
         if not lost_peer(e):
             raise
-        report_lost_peer(e, "unchanged by this start")
+        rank = env_world()[0]
+        mark = f"[rank {rank}] " if rank != 0 else ""
+        print(mark + lost_peer_line(e, "unchanged by this start"), file=sys.stderr, flush=True)
         return 1
     finally:
         guard.uninstall()
